@@ -1,0 +1,35 @@
+# Everything a newcomer needs: `make run` prunes the default real model, `make test` runs the tests.
+# Both create .venv and install the package on first use (CPU torch 2.13.0 where no torch is installed).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/smollm2_0.2.yaml
+ARGS   ?=
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m pruning.analysis --model_path smollm2-135m --verbose $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check pruning tests benchmarks
+	$(BIN)/ruff format --check pruning tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_analysis.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,17 @@
+"""Global structured pruning for Llama-family LLMs, with exact reports of what was removed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def load_pruned_model(path: Any, **kwargs: Any) -> Any:
+    """Rebuild a pruned checkpoint (safetensors + per-layer shapes in config.json); see pruning.checkpoint."""
+    from pruning.checkpoint import load_pruned_model as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "load_pruned_model"]

@@ -1,0 +1,5 @@
+import sys
+
+from pruning.analysis.cli import main
+
+sys.exit(main())

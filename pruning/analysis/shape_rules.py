@@ -1,0 +1,93 @@
+"""Parameter shapes of the supported families computed from ``config.json`` alone.
+
+Building a model on the meta device gives the same shapes but costs seconds of imports (torch and
+transformers); this costs microseconds. ``tests/test_shape_rules.py`` proves both agree for every
+family listed here. Other families fall back to the meta build. A ``pruning_layout`` (per-layer heads,
+KV heads, intermediate size; 0 = block removed, its norm removed with it) is honoured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# model_type -> (class-name prefix, q/k/v bias default, o bias default, has per-head q/k norms)
+FAMILIES: dict[str, tuple[str, bool, bool, bool]] = {
+    "llama": ("Llama", False, False, False),
+    "mistral": ("Mistral", False, False, False),
+    "qwen2": ("Qwen2", True, False, False),
+    "qwen3": ("Qwen3", False, False, True),
+}
+
+
+def supports(config: Mapping[str, Any]) -> bool:
+    return config.get("model_type") in FAMILIES
+
+
+def head_dim_of(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _qkv_bias(config: Mapping[str, Any], default: bool) -> bool:
+    if config.get("model_type") == "qwen2":
+        return True
+    return bool(config.get("attention_bias", default))
+
+
+def layer_sizes(config: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+    """(num_heads, num_kv_heads, intermediate_size) per layer, from the pruning layout when present."""
+    n = int(config["num_hidden_layers"])
+    layout = config.get("pruning_layout")
+    if layout:
+        return list(
+            zip(
+                layout["num_attention_heads"],
+                layout["num_key_value_heads"],
+                layout["intermediate_size"],
+                strict=True,
+            )
+        )
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    return [(heads, kv, int(config["intermediate_size"]))] * n
+
+
+def shapes_from_config(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, named as transformers names them; a tied lm_head is left out."""
+    _prefix, qkv_default, o_default, qk_norm = FAMILIES[config["model_type"]]
+    hidden, hd = int(config["hidden_size"]), head_dim_of(config)
+    qkv_bias, o_bias = _qkv_bias(config, qkv_default), bool(config.get("attention_bias", o_default))
+    mlp_bias = bool(config.get("mlp_bias", False))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (int(config["vocab_size"]), hidden)}
+    for i, (heads, kv, inter) in enumerate(layer_sizes(config)):
+        p = f"model.layers.{i}."
+        if heads:
+            for name, rows, bias in (
+                ("q", heads * hd, qkv_bias),
+                ("k", kv * hd, qkv_bias),
+                ("v", kv * hd, qkv_bias),
+            ):
+                shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, hidden)
+                if bias:
+                    shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
+            shapes[f"{p}self_attn.o_proj.weight"] = (hidden, heads * hd)
+            if o_bias:
+                shapes[f"{p}self_attn.o_proj.bias"] = (hidden,)
+            if qk_norm:
+                shapes[f"{p}self_attn.q_norm.weight"] = (hd,)
+                shapes[f"{p}self_attn.k_norm.weight"] = (hd,)
+            shapes[f"{p}input_layernorm.weight"] = (hidden,)
+        if inter:
+            for name, shape in (
+                ("gate", (inter, hidden)),
+                ("up", (inter, hidden)),
+                ("down", (hidden, inter)),
+            ):
+                shapes[f"{p}mlp.{name}_proj.weight"] = shape
+                if mlp_bias:
+                    shapes[f"{p}mlp.{name}_proj.bias"] = (shape[0],)
+            shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (int(config["vocab_size"]), hidden)
+    return shapes

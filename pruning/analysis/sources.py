@@ -1,0 +1,340 @@
+"""Turn whatever the user points at into an Inventory, reading as little as possible.
+
+- a live ``PreTrainedModel``: its parameters' shapes;
+- a directory with ``*.safetensors``: shapes from the file headers (no tensor data is read);
+- a directory or hub id with only ``config.json``: the model is built on the meta device;
+- a ``.gguf`` file: tensor shapes and hyper-parameters from its metadata;
+- a pickled ``.bin``/``.pt``: refused unless the caller opts in, because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from pruning.analysis import shape_rules
+from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
+from pruning.errors import UserError
+from pruning.models import BUILTIN_MODELS, resolve
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def load_inventory(model_or_path: Any, trust_pickle: bool = False) -> Inventory:
+    """Dispatch on the kind of input; every failure a user can cause is a UserError naming the path."""
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        return inventory_from_module(model_or_path)
+    if str(model_or_path).lower() in BUILTIN_MODELS and not Path(model_or_path).exists():
+        model_or_path = resolve(str(model_or_path))
+    path = Path(model_or_path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return inventory_from_gguf(path)
+        if path.suffix == ".safetensors":
+            return inventory_from_safetensors(path.parent, files=[path])
+        if path.suffix in PICKLE_SUFFIXES:
+            return inventory_from_pickle(path, trust_pickle)
+        if path.name == "config.json":
+            return inventory_from_config(path.parent)
+        raise UserError(f"{path}: unsupported file type (expected a model directory, .safetensors or .gguf)")
+    if path.is_dir():
+        if sorted(path.glob("*.safetensors")):
+            return inventory_from_safetensors(path)
+        if (path / "config.json").is_file():
+            return inventory_from_config(path)
+        raise UserError(f"{path}: directory has neither config.json nor *.safetensors")
+    if _looks_like_hub_id(str(model_or_path)):
+        return inventory_from_config(str(model_or_path))
+    raise UserError(f"{path}: no such file or directory")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith((".", "/"))
+
+
+# -- live modules ------------------------------------------------------------------------------------
+
+_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)$")
+
+
+def inventory_from_module(model: Any, source: str = "live", dtype: str | None = None) -> Inventory:
+    """Shapes of a live (or meta) model; tied weights appear once in ``named_parameters``."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise UserError(f"expected a transformers PreTrainedModel or a path, got {type(model).__name__}")
+    params = dict(model.named_parameters())
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    block_types = {}
+    for name, module in model.named_modules():
+        match = _BLOCK_RE.search(name)
+        if match:
+            block = "attention" if match.group(2) == "self_attn" else "mlp"
+            block_types[(int(match.group(1)), block)] = type(module).__name__
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and inp is not None and out.weight is inp.weight
+    if dtype is None:
+        floating = [p.dtype for p in params.values() if p.is_floating_point()]
+        dtype = dtype_name(Counter(floating).most_common(1)[0][0]) if floating else "unknown"
+    return _inventory(model.config, shapes, dtype, tied, source, block_types)
+
+
+# -- config.json only --------------------------------------------------------------------------------
+
+
+def inventory_from_config(path: str | Path) -> Inventory:
+    """Shapes from ``config.json`` alone: by rule for the supported families, else built on meta."""
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        data = _read_config_json(config_file)
+        if shape_rules.supports(data):
+            for key in (
+                "hidden_size",
+                "num_attention_heads",
+                "num_hidden_layers",
+                "vocab_size",
+                "intermediate_size",
+            ):
+                if not isinstance(data.get(key), int) or data[key] <= 0:
+                    raise UserError(f"{config_file}: key {key!r} must be a positive integer")
+            shapes = shape_rules.shapes_from_config(data)
+            dtype = dtype_name(data.get("dtype") or data.get("torch_dtype") or "unknown")
+            tied = "lm_head.weight" not in shapes
+            return _inventory(SimpleNamespace(**data), shapes, dtype, tied, "config", {})
+    return _inventory_from_meta_build(path)
+
+
+def _inventory_from_meta_build(path: str | Path) -> Inventory:
+    """Any other architecture transformers knows: build it on the meta device (exact, no allocation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _auto_config(path)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError as e:
+            raise UserError(f"{path}: unsupported architecture: {_first_line(e)}") from e
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "unknown"
+    return inventory_from_module(model, source="config", dtype=dtype_name(dtype))
+
+
+def _read_config_json(config_file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise UserError(f"{config_file}: cannot be read ({e.strerror})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{config_file}: expected a JSON object")
+    return data
+
+
+def _auto_config(path: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        model_type = _read_config_json(config_file).get("model_type")
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise UserError(f"{config_file}: unsupported architecture {model_type!r} (not in transformers)")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{config_file}: unsupported architecture: {_first_line(e)}") from e
+    except OSError as e:
+        raise UserError(f"{path}: cannot read a model config ({_first_line(e)})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# -- safetensors headers -----------------------------------------------------------------------------
+
+
+def read_safetensors_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size (catches truncation)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise UserError(f"{file}: truncated safetensors file (no header length)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise UserError(
+                    f"{file}: truncated or corrupt safetensors header (declares {header_len} bytes)"
+                )
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: corrupt safetensors header ({e})") from e
+    except OSError as e:
+        raise UserError(f"{file}: cannot be read ({e.strerror})") from e
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or "shape" not in info or "data_offsets" not in info:
+            raise UserError(f"{file}: corrupt safetensors header (entry {name!r})")
+        if info["data_offsets"][1] > data_len:
+            raise UserError(f"{file}: truncated safetensors file (tensor {name!r} ends past the file)")
+    return header
+
+
+def inventory_from_safetensors(directory: Path, files: list[Path] | None = None) -> Inventory:
+    """Shapes from headers only; config facts from ``config.json`` read as plain JSON."""
+    config = _plain_config(directory)
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: Counter[str] = Counter()
+    for file in files or sorted(directory.glob("*.safetensors")):
+        for name, info in read_safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            shapes[name] = tuple(int(d) for d in info["shape"])
+            dtypes[info["dtype"]] += 1
+    embed = next((n for n in shapes if n.endswith("embed_tokens.weight")), None)
+    tied = "lm_head.weight" not in shapes and embed is not None  # tied weights are stored once
+    dtype = dtype_name(dtypes.most_common(1)[0][0]) if dtypes else "unknown"
+    return _inventory(config, shapes, dtype, tied, "safetensors", {})
+
+
+def _plain_config(directory: Path) -> SimpleNamespace:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{config_file}: missing (needed beside the safetensors files)")
+    data = _read_config_json(config_file)
+    for key in ("model_type", "hidden_size", "num_attention_heads"):
+        if key not in data:
+            raise UserError(f"{config_file}: missing key {key!r}")
+    return SimpleNamespace(**data)
+
+
+# -- GGUF --------------------------------------------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_name_to_hf(name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for non-parameters."""
+    stem, _, kind = name.rpartition(".")
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if match and match.group(2) in _GGUF_LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.{kind}"
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
+    if stem == "rope_freqs":  # a rotary buffer in transformers, not a parameter
+        return None
+    return name
+
+
+def inventory_from_gguf(file: Path) -> Inventory:
+    """Shapes (GGUF stores them innermost-first, so reversed) and hyper-parameters from the metadata."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(file))
+    except (ValueError, OSError, IndexError) as e:
+        raise UserError(f"{file}: not a readable GGUF file ({_first_line(e)})") from e
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else default
+
+    arch = field("general.architecture")
+    if arch is None:
+        raise UserError(f"{file}: GGUF metadata has no general.architecture")
+    hidden = int(field(f"{arch}.embedding_length"))
+    heads = int(field(f"{arch}.attention.head_count"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    types: Counter[str] = Counter()
+    for tensor in reader.tensors:
+        hf_name = gguf_name_to_hf(tensor.name)
+        if hf_name is None:
+            continue
+        shapes[hf_name] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if len(tensor.shape) > 1:
+            types[tensor.tensor_type.name] += 1
+    config = SimpleNamespace(
+        model_type=arch,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
+        num_hidden_layers=int(field(f"{arch}.block_count")),
+        architectures=None,
+    )
+    tied = "lm_head.weight" not in shapes
+    dtype = f"gguf:{types.most_common(1)[0][0]}" if types else "gguf"
+    return _inventory(config, shapes, dtype, tied, "gguf", {})
+
+
+# -- pickles -----------------------------------------------------------------------------------------
+
+
+def inventory_from_pickle(file: Path, trust_pickle: bool) -> Inventory:
+    """Only with explicit consent: ``torch.load(weights_only=False)`` can execute code in the file."""
+    if not trust_pickle:
+        raise UserError(
+            f"{file}: refusing to unpickle (loading a pickle can run arbitrary code); if you trust this "
+            "file, pass --trust-pickle (or trust_pickle=True), or analyse the model directory instead"
+        )
+    import torch
+
+    obj = torch.load(file, map_location="meta", weights_only=False)
+    if isinstance(obj, torch.nn.Module):
+        return inventory_from_module(obj, source="pickle")
+    raise UserError(
+        f"{file}: holds a {type(obj).__name__}, not a whole model; analyse the directory with its config.json"
+    )
+
+
+# -- common ------------------------------------------------------------------------------------------
+
+
+def _inventory(
+    config: Any, shapes: dict[str, tuple[int, ...]], dtype: str, tied: bool, source: str, block_types: dict
+) -> Inventory:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layer_ids = {split[0] for name in shapes if (split := split_layer_name(name))}
+    layout = getattr(config, "pruning_layout", None)
+    num_layers = getattr(config, "num_hidden_layers", None) or (max(layer_ids) + 1 if layer_ids else 0)
+    if layout and isinstance(layout, dict) and layout.get("num_attention_heads"):
+        num_layers = len(layout["num_attention_heads"])
+    if num_layers == 0:
+        raise UserError("no decoder layers found (expected parameters named like 'model.layers.0....')")
+    return Inventory(
+        shapes=shapes,
+        model_type=str(config.model_type),
+        hidden_size=int(config.hidden_size),
+        head_dim=int(head_dim),
+        num_layers=int(num_layers),
+        dtype=dtype,
+        tied_embeddings=tied,
+        source=source,
+        arch_prefix=arch_prefix_for(config),
+        block_types=block_types,
+    )

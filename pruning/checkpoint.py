@@ -1,0 +1,268 @@
+"""Save and load pruned models: safetensors weights plus per-layer shapes in ``config.json``.
+
+A pruned layer has its own head count and intermediate size, which a stock config cannot express, so
+``config.json`` keeps the dense top-level values and adds ``pruning_layout`` (see
+``pruning.surgery.pruned_layout``): per-layer lists of ``num_attention_heads``, ``num_key_value_heads``
+and ``intermediate_size``, 0 meaning the block (and the norm feeding it) was removed. Loading builds the
+stock architecture on the ``meta`` device, reshapes it to the layout and assigns the stored tensors, so
+the dense size is never allocated. Pickles are never loaded unless the caller says it trusts the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+
+from pruning.architectures import check_supported, decoder_layers, head_dim_of
+from pruning.errors import UserError
+from pruning.modules import ZeroAttention, ZeroMLP
+from pruning.surgery import LAYOUT_VERSION, pruned_layout
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_KEY = "pruning_layout"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def save_pruned_model(
+    model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike[str], *, max_shard_size: str | int = "50GB"
+) -> Path:
+    """Write weights (safetensors), config with ``pruning_layout``, generation config and tokenizer.
+
+    Everything goes to a hidden sibling directory that is renamed to ``out_dir`` only when complete, so
+    an interrupted run never leaves a directory that looks like a finished checkpoint.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output directory {out} exists and is not empty; choose another or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        # transformers 5 always writes safetensors and stores tied weights once.
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config[LAYOUT_KEY] = pruned_layout(model)  # fresh from the weights, even if config had an old one
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        stray = [p.name for p in tmp.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if stray:
+            raise RuntimeError(f"refusing to publish a checkpoint with pickled files: {stray}")
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved pruned model to %s", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- skeleton
+
+
+def _as_config(config: Mapping[str, Any] | PretrainedConfig) -> PretrainedConfig:
+    if isinstance(config, PretrainedConfig):
+        return config
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"config has unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type].from_dict(dict(config))
+
+
+def _meta_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """An empty Linear of the new shape, with the same bias presence and dtype as ``old``."""
+    return nn.Linear(
+        in_features, out_features, bias=old.bias is not None, device="meta", dtype=old.weight.dtype
+    )
+
+
+def _check_layout(layout: Mapping[str, Any], num_layers: int) -> None:
+    if layout.get("version") != LAYOUT_VERSION:
+        version = layout.get("version")
+        raise UserError(f"{LAYOUT_KEY}: unsupported version {version!r} (expected {LAYOUT_VERSION})")
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        values = layout.get(key)
+        if not isinstance(values, list) or len(values) != num_layers:
+            raise UserError(f"{LAYOUT_KEY}.{key} must be a list of {num_layers} integers")
+    pairs = zip(layout["num_attention_heads"], layout["num_key_value_heads"], strict=True)
+    for i, (heads, kv) in enumerate(pairs):
+        if (heads == 0) != (kv == 0) or (kv and heads % kv):
+            raise UserError(f"{LAYOUT_KEY}: layer {i} has {heads} query heads for {kv} KV heads")
+
+
+def _reshape_layer(layer: nn.Module, idx: int, heads: int, kv: int, inter: int, head_dim: int) -> None:
+    """Resize one meta-device decoder layer to the layout's sizes (0 = block removed)."""
+    if kv == 0:
+        layer.self_attn = ZeroAttention(idx, head_dim)
+        layer.input_layernorm = nn.Identity()
+    else:
+        attn = layer.self_attn
+        hidden = attn.q_proj.in_features
+        attn.q_proj = _meta_linear(attn.q_proj, hidden, heads * head_dim)
+        attn.k_proj = _meta_linear(attn.k_proj, hidden, kv * head_dim)
+        attn.v_proj = _meta_linear(attn.v_proj, hidden, kv * head_dim)
+        attn.o_proj = _meta_linear(attn.o_proj, heads * head_dim, attn.o_proj.out_features)
+        attn.num_key_value_groups = heads // kv
+    if inter == 0:
+        layer.mlp = ZeroMLP()
+        layer.post_attention_layernorm = nn.Identity()
+    else:
+        mlp = layer.mlp
+        hidden = mlp.gate_proj.in_features
+        mlp.gate_proj = _meta_linear(mlp.gate_proj, hidden, inter)
+        mlp.up_proj = _meta_linear(mlp.up_proj, hidden, inter)
+        mlp.down_proj = _meta_linear(mlp.down_proj, inter, mlp.down_proj.out_features)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = inter
+
+
+def _materialize(model: nn.Module, device: str | torch.device) -> None:
+    """Give every meta parameter uninitialized storage on ``device`` (a skeleton to be filled)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                empty = torch.empty_like(param, device=device)
+                module._parameters[name] = nn.Parameter(empty, requires_grad=param.requires_grad)
+    model.to(device)
+    model.tie_weights()
+
+
+def build_pruned_skeleton(
+    config: Mapping[str, Any] | PretrainedConfig,
+    device: str | torch.device = "meta",
+    *,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """The stock causal-LM class reshaped to ``config``'s ``pruning_layout``, weights on ``meta``.
+
+    Rotary ``inv_freq`` buffers are built for real (they are computed, not stored). Without a layout the
+    stock model is returned. With another ``device`` the weights get uninitialized storage there.
+    """
+    config = _as_config(config)
+    check_supported(config)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        layers = decoder_layers(model)
+        _check_layout(layout, len(layers))
+        head_dim = head_dim_of(config)
+        keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        sizes = zip(*(layout[key] for key in keys), strict=True)
+        for idx, (layer, (heads, kv, inter)) in enumerate(zip(layers, sizes, strict=True)):
+            _reshape_layer(layer, idx, heads, kv, inter, head_dim)
+    model.tie_weights()  # from_config under init_empty_weights leaves tied embeddings untied
+    if str(device) != "meta":
+        _materialize(model, device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def _load_pickle(path: Path, dtype: torch.dtype | None, device: str | torch.device, trust: bool) -> nn.Module:
+    if not trust:
+        raise UserError(
+            f"{path} is a pickle file; unpickling runs arbitrary code from the file, so it is not loaded by "
+            "default. Use a safetensors checkpoint directory, or pass trust_pickle=True if you trust the "
+            "file's source."
+        )
+    logger.warning("unpickling %s (trust_pickle=True): this runs code stored in the file", path)
+    model = torch.load(path, weights_only=False, map_location=device)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{path} holds a {type(model).__name__}, not a whole model")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / SAFE_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if (directory / SAFE_WEIGHTS).is_file():
+        return [directory / SAFE_WEIGHTS]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    hint = f"; pickled weights {pickles} are not loaded (convert them to safetensors)" if pickles else ""
+    raise UserError(f"{directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}{hint}")
+
+
+def _read_state(
+    files: list[Path], dtype: torch.dtype | None, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        for key, tensor in load_file(file, device=str(device)).items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[key] = tensor
+    return state
+
+
+def load_pruned_model(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    trust_pickle: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load a checkpoint written by ``save_pruned_model`` (or any stock safetensors one), in eval mode.
+
+    Strict: every parameter must come from the files (tied ones excepted) and no stored tensor may go
+    unused. ``dtype`` None keeps the stored dtype. A pickled whole-model file is refused unless
+    ``trust_pickle=True``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            return _load_pickle(path, dtype, device, trust_pickle)
+        raise UserError(f"{path} is a file: pass the checkpoint directory (with config.json)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{path} has no config.json")
+    config = json.loads(config_path.read_text())
+    model = build_pruned_skeleton(config, attn_implementation=attn_implementation)
+    state = _read_state(_weight_files(path), dtype, device)
+
+    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{path}: weights do not match the config's architecture; missing {missing[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+            f"{' ...' if len(missing) > 5 or len(result.unexpected_keys) > 5 else ''}"
+        )
+    model.tie_weights()
+    still_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise UserError(f"{path}: no stored weights for {still_meta[:5]}")
+    model.to(device)  # buffers (rotary inv_freq) were built on the CPU
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    logger.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
+    return model.eval()

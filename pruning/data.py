@@ -1,0 +1,104 @@
+"""Calibration text -> token windows.
+
+Calibration reads a plain text file whole (WikiText-2 raw, say), tokenises it once and cuts windows of
+exactly ``seq_len`` tokens at random offsets. Every window is full length, so there is no padding and
+no attention mask or loss mask to get wrong. A ``datasets`` name works too when that library is
+installed; the tool does not depend on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# A source with one of these endings, or one that is written as a path, is a file, never a dataset name.
+_TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text", ".tokens")
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or source.lower().endswith(_TEXT_SUFFIXES)
+        or "\\" in source
+    )
+
+
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """Read a UTF-8 text file whole; a missing or unreadable file is the user's error, named."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _load_dataset_text(name: str) -> str:
+    """Join the ``text`` column of a ``datasets`` split; ``name`` is ``path[:config[:split]]``.
+
+    The whole split is joined, so use it for corpora of WikiText's size, not for C4.
+    """
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency, imported only when a name is given
+    except ImportError as exc:
+        raise UserError(
+            f"calibration source {name!r} is not an existing file, and reading it as a dataset name needs "
+            "the `datasets` library: pip install datasets, or give a local text file"
+        ) from exc
+    parts = name.split(":")
+    path = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # datasets raises many types; all mean "this source is wrong"
+        raise UserError(f"cannot load calibration dataset {name!r}: {exc}") from exc
+    if "text" not in ds.column_names:
+        raise UserError(f"calibration dataset {name!r} has no 'text' column (columns: {ds.column_names})")
+    return "\n\n".join(ds["text"])
+
+
+def source_text(source: str) -> str:
+    """The text of a calibration source: an existing file, else a ``datasets`` name."""
+    if Path(source).expanduser().is_file():
+        return read_text_file(source, "calibration file")
+    if _looks_like_path(source):
+        raise UserError(f"calibration file not found: {source}")
+    return _load_dataset_text(source)
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.LongTensor:
+    """Token ids of ``text`` without special tokens (no BOS in the middle of the stream), as a 1-D tensor."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(
+    source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int
+) -> torch.LongTensor:
+    """``num_samples`` contiguous token spans of ``seq_len`` at seeded random offsets: [num_samples, seq_len].
+
+    The same seed gives the same windows on every machine (``torch.Generator``, not global RNG state).
+    """
+    if num_samples < 1 or seq_len < 1:
+        raise UserError(f"calibration needs num_samples >= 1 and seq_len >= 1 (got {num_samples}, {seq_len})")
+    ids = tokenize(tokenizer, source_text(source))
+    if ids.numel() < seq_len + 1:
+        raise UserError(
+            f"calibration source {source} has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
+    windows = torch.stack([ids[o : o + seq_len] for o in offsets.tolist()])
+    logger.info(
+        "calibration: %d windows of %d tokens from %s (%d tokens)", num_samples, seq_len, source, ids.numel()
+    )
+    return windows

@@ -1,0 +1,271 @@
+"""Global planning: rank every KV group and MLP channel of every layer on one scale, remove the cheapest.
+
+Steps, each a small function so that allocation by measured sensitivity can later replace the ranking
+without touching costs or the plan format:
+
+1. ``layer_costs``: parameters each structure owns, read from module shapes (pruned layers differ).
+2. ``normalized_candidates``: score / cost (importance per parameter), divided by the median of its
+   type over all layers. Attention and MLP scores live on different scales (different inputs, sizes
+   and criteria); the median makes each type's typical structure worth 1, so they compete fairly.
+3. ``rank_candidates``: ascending by that value, ties broken by position for determinism.
+4. ``select_for_removal``: walk the ranking, skipping protected layers and structures that would take
+   a layer below its minimum, until the removed cost first reaches the target.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruning.architectures import decoder_layers, head_dim_of, layer_geometry
+from pruning.errors import UserError
+from pruning.importance import StructureScores
+from pruning.plan import LayerPlan, PruningPlan
+
+logger = logging.getLogger(__name__)
+
+ATTENTION = "attention"
+MLP = "mlp"
+RATIO_OF = ("total", "layers")
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """How many structures a layer has and how many parameters removing one of each kind frees."""
+
+    num_kv_groups: int
+    num_channels: int
+    kv_group_cost: int
+    channel_cost: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One removable structure with its normalised importance per parameter."""
+
+    value: float
+    layer_idx: int
+    kind: str
+    index: int
+    cost: int
+
+
+def _rows_cost(linear: nn.Linear | None, parts: int) -> int:
+    """Parameters in 1/parts of a Linear's output rows (weight rows plus their bias entries)."""
+    if linear is None or parts == 0:
+        return 0
+    per_row = linear.in_features + (1 if linear.bias is not None else 0)
+    return linear.out_features // parts * per_row
+
+
+def _cols_cost(linear: nn.Linear | None, parts: int) -> int:
+    """Parameters in 1/parts of a Linear's input columns (its bias stays: it feeds the residual)."""
+    if linear is None or parts == 0:
+        return 0
+    return linear.in_features // parts * linear.out_features
+
+
+def layer_costs(layer: nn.Module, head_dim: int) -> LayerCosts:
+    """Cost of a KV group ((G*hd + 2*hd) * hidden + G*hd * hidden + biases) and of a channel (3*hidden)."""
+    geom = layer_geometry(layer, head_dim)
+    attn, mlp = layer.self_attn, layer.mlp
+    k, c = geom.num_kv_heads, geom.intermediate_size
+    group = sum(_rows_cost(getattr(attn, n, None), k) for n in ("q_proj", "k_proj", "v_proj"))
+    group += _cols_cost(getattr(attn, "o_proj", None), k)
+    channel = sum(_rows_cost(getattr(mlp, n, None), c) for n in ("gate_proj", "up_proj"))
+    channel += _cols_cost(getattr(mlp, "down_proj", None), c)
+    return LayerCosts(num_kv_groups=k, num_channels=c, kv_group_cost=group, channel_cost=channel)
+
+
+def _type_scale(values: torch.Tensor) -> float:
+    """The median, or a positive fallback when the median is 0 (e.g. most scores exactly zero)."""
+    median = float(values.median())
+    if median > 0:
+        return median
+    mean = float(values.mean())
+    return mean if mean > 0 else 1.0
+
+
+def normalized_candidates(scores: StructureScores, costs: Sequence[LayerCosts]) -> list[Candidate]:
+    """Every structure of every layer with value = (score / cost) / median over its type."""
+    if len(scores.attention) != len(costs) or len(scores.mlp) != len(costs):
+        raise ValueError(
+            f"scores cover {len(scores.attention)}/{len(scores.mlp)} layers, the model has {len(costs)}"
+        )
+    per_type: dict[str, list[tuple[int, torch.Tensor, int]]] = {ATTENTION: [], MLP: []}
+    for idx, lc in enumerate(costs):
+        for kind, s, count, cost in (
+            (ATTENTION, scores.attention[idx], lc.num_kv_groups, lc.kv_group_cost),
+            (MLP, scores.mlp[idx], lc.num_channels, lc.channel_cost),
+        ):
+            if s.numel() != count:
+                raise ValueError(f"layer {idx}: {s.numel()} {kind} scores for {count} structures")
+            if count:
+                per_type[kind].append((idx, s.detach().double().cpu() / cost, cost))
+    out: list[Candidate] = []
+    for kind, entries in per_type.items():
+        if not entries:
+            continue
+        everything = torch.cat([v for _, v, _ in entries])
+        if not torch.isfinite(everything).all():
+            raise ValueError(f"{kind} scores contain NaN or infinity (numerics of a low-precision dtype?)")
+        scale = _type_scale(everything)
+        for idx, values, cost in entries:
+            out.extend(Candidate(v / scale, idx, kind, j, cost) for j, v in enumerate(values.tolist()))
+    return out
+
+
+def rank_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Least valuable first; position breaks ties so equal scores give the same plan every run."""
+    return sorted(candidates, key=lambda c: (c.value, c.layer_idx, c.kind, c.index))
+
+
+def removable_cost(
+    costs: Sequence[LayerCosts], protected: set[int], min_kv_groups: int, min_channels: int
+) -> int:
+    """The most parameters the constraints allow to remove."""
+    return sum(
+        max(lc.num_kv_groups - min_kv_groups, 0) * lc.kv_group_cost
+        + max(lc.num_channels - min_channels, 0) * lc.channel_cost
+        for idx, lc in enumerate(costs)
+        if idx not in protected
+    )
+
+
+def select_for_removal(
+    ranked: Sequence[Candidate],
+    costs: Sequence[LayerCosts],
+    target: float,
+    protected: set[int],
+    min_kv_groups: int,
+    min_channels: int,
+) -> list[Candidate]:
+    """Take structures in ranked order until their cost first reaches ``target``.
+
+    Stopping at the first structure that reaches it overshoots by less than one structure's cost.
+    """
+    removed: list[Candidate] = []
+    if target <= 0:
+        return removed
+    kept = {(idx, ATTENTION): lc.num_kv_groups for idx, lc in enumerate(costs)}
+    kept.update({(idx, MLP): lc.num_channels for idx, lc in enumerate(costs)})
+    minimum = {ATTENTION: min_kv_groups, MLP: min_channels}
+    total = 0
+    for cand in ranked:
+        key = (cand.layer_idx, cand.kind)
+        if cand.layer_idx in protected or kept[key] <= minimum[cand.kind]:
+            continue
+        kept[key] -= 1
+        removed.append(cand)
+        total += cand.cost
+        if total >= target:
+            break
+    return removed
+
+
+def _check_arguments(
+    ratio: float, ratio_of: str, protected: set[int], num_layers: int, min_kv_groups: int, min_channels: int
+) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(f"pruning ratio must be in [0, 1), got {ratio}")
+    if ratio_of not in RATIO_OF:
+        raise UserError(f"ratio_of must be one of {', '.join(RATIO_OF)}, got {ratio_of!r}")
+    bad = sorted(i for i in protected if not 0 <= i < num_layers)
+    if bad:
+        raise UserError(f"protected_layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+    if min_kv_groups < 0 or min_channels < 0:
+        raise UserError(f"min_kv_groups and min_channels must be >= 0, got {min_kv_groups}, {min_channels}")
+
+
+def plan_global(
+    model: nn.Module,
+    scores: StructureScores,
+    ratio: float,
+    ratio_of: str = "total",
+    protected_layers: Sequence[int] = (),
+    min_kv_groups: int = 0,
+    min_channels: int = 0,
+    criterion: str = "",
+) -> PruningPlan:
+    """Plan removal of ``ratio`` of the model's parameters (``ratio_of`` "total") or of its decoder layers'.
+
+    ``params_before`` / ``params_target`` / ``params_planned`` are model sizes: now, wanted, and what
+    applying this plan gives (at most one structure below the target size).
+    """
+    layers = decoder_layers(model)
+    protected = set(protected_layers)
+    _check_arguments(ratio, ratio_of, protected, len(layers), min_kv_groups, min_channels)
+    head_dim = head_dim_of(model.config)
+    costs = [layer_costs(layer, head_dim) for layer in layers]
+    params_before = sum(p.numel() for p in model.parameters())
+    denominator = params_before if ratio_of == "total" else sum(p.numel() for p in layers.parameters())
+    target = ratio * denominator
+
+    reachable = removable_cost(costs, protected, min_kv_groups, min_channels)
+    if reachable < target:
+        raise UserError(
+            f"cannot remove {ratio:.2%} of {ratio_of} parameters: with protected_layers="
+            f"{sorted(protected)}, min_kv_groups={min_kv_groups}, min_channels={min_channels} the reachable "
+            f"ratio is {reachable / denominator:.2%} ({reachable:,} parameters)"
+        )
+    ranked = rank_candidates(normalized_candidates(scores, costs))
+    removed = select_for_removal(ranked, costs, target, protected, min_kv_groups, min_channels)
+    return _build_plan(costs, removed, criterion, params_before, round(target), ratio, ratio_of)
+
+
+def _build_plan(
+    costs: Sequence[LayerCosts],
+    removed: Sequence[Candidate],
+    criterion: str,
+    params_before: int,
+    target: int,
+    ratio: float,
+    ratio_of: str,
+) -> PruningPlan:
+    groups: dict[int, list[int]] = {i: [] for i in range(len(costs))}
+    channels: dict[int, list[int]] = {i: [] for i in range(len(costs))}
+    for cand in removed:
+        (groups if cand.kind == ATTENTION else channels)[cand.layer_idx].append(cand.index)
+    layer_plans = tuple(
+        LayerPlan(
+            layer_idx=i,
+            num_kv_groups=lc.num_kv_groups,
+            num_channels=lc.num_channels,
+            remove_kv_groups=tuple(groups[i]),
+            remove_channels=tuple(channels[i]),
+        )
+        for i, lc in enumerate(costs)
+    )
+    removed_params = sum(c.cost for c in removed)
+    extra = {
+        "ratio": ratio,
+        "ratio_of": ratio_of,
+        "params_removed": removed_params,
+        "removed_kv_groups": sum(len(g) for g in groups.values()),
+        "removed_channels": sum(len(c) for c in channels.values()),
+        "attention_blocks_removed": [lp.layer_idx for lp in layer_plans if lp.attention_removed],
+        "mlp_blocks_removed": [lp.layer_idx for lp in layer_plans if lp.mlp_removed],
+    }
+    logger.info(
+        "plan: remove %d KV groups and %d MLP channels, %s of %s parameters (target %s); blocks emptied: "
+        "attention %s, mlp %s",
+        extra["removed_kv_groups"],
+        extra["removed_channels"],
+        f"{removed_params:,}",
+        f"{params_before:,}",
+        f"{target:,}",
+        extra["attention_blocks_removed"],
+        extra["mlp_blocks_removed"],
+    )
+    return PruningPlan(
+        layers=layer_plans,
+        criterion=criterion,
+        params_before=params_before,
+        params_target=params_before - target,
+        params_planned=params_before - removed_params,
+        extra=extra,
+    )

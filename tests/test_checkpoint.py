@@ -1,0 +1,226 @@
+"""Saving and loading pruned models: same function after the round trip, no pickles, no dense allocation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from pruning.architectures import decoder_layers
+from pruning.checkpoint import build_pruned_skeleton, load_pruned_model, save_pruned_model
+from pruning.errors import UserError
+from pruning.modules import ZeroAttention, ZeroMLP
+from pruning.plan import LayerPlan, PruningPlan
+from pruning.surgery import apply_plan, pruned_layout
+from tests.tiny_models import ARCHS, TIED_ARCHS, input_ids, make_plan, tiny_model
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle"}
+
+
+def _pruned(arch: str, impl: str = "eager") -> nn.Module:
+    model = tiny_model(arch, impl)
+    apply_plan(model, make_plan(model))
+    return model
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "hello": 3, "world": 4}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    specials = dict(unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_gives_the_same_model(arch: str, tmp_path: Path) -> None:
+    model = _pruned(arch)
+    out = save_pruned_model(model, None, tmp_path / "pruned")
+    assert out == tmp_path / "pruned"
+    config = json.loads((out / "config.json").read_text())
+    assert config["pruning_layout"] == pruned_layout(model)
+    assert config["pruning_layout"]["num_key_value_heads"][0] == 0  # layer 0 attention gone
+    assert not [p for p in out.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    assert (out / "generation_config.json").is_file()
+
+    loaded = load_pruned_model(out, attn_implementation="eager")
+    assert not loaded.training
+    ids = input_ids()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-5, rtol=0)
+    assert _numel(loaded) == _numel(model)
+    layers = decoder_layers(loaded)
+    assert isinstance(layers[0].self_attn, ZeroAttention)
+    assert isinstance(layers[0].input_layernorm, nn.Identity)
+    assert isinstance(layers[2].mlp, ZeroMLP) and isinstance(layers[2].post_attention_layernorm, nn.Identity)
+    assert pruned_layout(loaded) == pruned_layout(model)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("arch", TIED_ARCHS)
+def test_tied_embeddings_saved_once_and_tied_on_load(arch: str, tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned(arch), None, tmp_path / "m")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    loaded = load_pruned_model(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_untied_lm_head_is_saved(tmp_path: Path) -> None:
+    model = _pruned("mistral")
+    out = save_pruned_model(model, None, tmp_path / "m")
+    assert "lm_head.weight" in load_file(out / "model.safetensors")
+    loaded = load_pruned_model(out)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_loaded_model_generates_like_the_original(impl: str, tmp_path: Path) -> None:
+    model = _pruned("qwen3", impl)
+    loaded = load_pruned_model(save_pruned_model(model, None, tmp_path / "m"), attn_implementation=impl)
+    ids = input_ids()
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(ids, use_cache=True, **kwargs)
+        assert torch.equal(loaded.generate(ids, use_cache=True, **kwargs), expected)
+        assert torch.equal(loaded.generate(ids, use_cache=False, **kwargs), expected)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = _pruned("llama_mha")
+    out = save_pruned_model(model, None, tmp_path / "m", max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ids = input_ids()
+    torch.testing.assert_close(_logits(load_pruned_model(out), ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_tokenizer_is_saved(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), _tokenizer(), tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("hello world")["input_ids"] == [3, 4]
+
+
+def test_dtype_cast_on_load_keeps_rotary_in_fp32(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
+    loaded = load_pruned_model(out, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.isfinite(_logits(loaded, input_ids())).all()
+
+
+def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        save_pruned_model(_pruned("llama_gqa"), None, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (save_pruned_model(_pruned("llama_gqa"), None, empty) / "model.safetensors").is_file()
+
+
+def test_failed_save_leaves_nothing(tmp_path: Path) -> None:
+    class BrokenTokenizer:
+        def save_pretrained(self, path: str) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned_model(_pruned("llama_gqa"), BrokenTokenizer(), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pickle_refused_unless_trusted(tmp_path: Path) -> None:
+    model = _pruned("llama_gqa")
+    path = tmp_path / "model.bin"
+    torch.save(model, path)
+    with pytest.raises(UserError, match="trust_pickle=True"):
+        load_pruned_model(path)
+    loaded = load_pruned_model(path, trust_pickle=True)
+    assert not loaded.training
+    ids = input_ids()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-6, rtol=0)
+
+
+def test_directory_with_only_pickled_weights_is_refused(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
+    state = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    torch.save(state, out / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pytorch_model.bin"):
+        load_pruned_model(out)
+
+
+@pytest.mark.parametrize("change", ["drop", "extra"])
+def test_loading_is_strict(change: str, tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
+    state = load_file(out / "model.safetensors")
+    if change == "drop":
+        del state["model.layers.1.self_attn.q_proj.weight"]
+    else:
+        state["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="missing" if change == "drop" else "unexpected"):
+        load_pruned_model(out)
+
+
+def test_skeleton_is_built_at_pruned_size_on_meta(tmp_path: Path) -> None:
+    model = _pruned("qwen3")
+    out = save_pruned_model(model, None, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    skeleton = build_pruned_skeleton(config)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not skeleton.model.rotary_emb.inv_freq.is_meta
+    assert pruned_layout(skeleton) == config["pruning_layout"]
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    assert {name: p.shape for name, p in skeleton.named_parameters()} == shapes
+    stock = build_pruned_skeleton({k: v for k, v in config.items() if k != "pruning_layout"})
+    assert _numel(stock) == _numel(tiny_model("qwen3")) > _numel(model)
+    on_cpu = build_pruned_skeleton(config, device="cpu")
+    assert not any(p.is_meta for p in on_cpu.parameters()) and _numel(on_cpu) == _numel(model)
+
+
+def test_bad_layout_is_a_user_error(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    config["pruning_layout"]["intermediate_size"] = config["pruning_layout"]["intermediate_size"][:-1]
+    with pytest.raises(UserError, match="intermediate_size"):
+        build_pruned_skeleton(config)
+
+
+def test_reload_prune_again_and_save(tmp_path: Path) -> None:
+    """A loaded pruned model carries the old layout in its config; saving writes the new one."""
+    loaded = load_pruned_model(save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "a"))
+    layout = pruned_layout(loaded)
+    sizes = enumerate(zip(layout["num_key_value_heads"], layout["intermediate_size"], strict=True))
+    plan = PruningPlan(
+        layers=tuple(LayerPlan(i, kv, ch, remove_channels=(0,) if i == 1 else ()) for i, (kv, ch) in sizes)
+    )
+    apply_plan(loaded, plan)
+    out = save_pruned_model(loaded, None, tmp_path / "b")
+    saved_layout = json.loads((out / "config.json").read_text())["pruning_layout"]
+    assert saved_layout["intermediate_size"][1] == layout["intermediate_size"][1] - 1
+    again = load_pruned_model(out)
+    assert pruned_layout(again) == pruned_layout(loaded) == saved_layout
+    ids = input_ids()
+    torch.testing.assert_close(_logits(again, ids), _logits(loaded, ids), atol=1e-5, rtol=0)
