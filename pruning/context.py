@@ -1,0 +1,32 @@
+"""The one object hooks receive: everything a run knows at the moment an event fires."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pruning.config import PipelineConfig
+from pruning.plan import PruningPlan
+
+
+@dataclass
+class PipelineContext:
+    """Shared state of one run. Hooks read it; only the pipeline changes it.
+
+    ``model`` is untouched at ``before_prune``, pruned in memory at ``after_prune`` (``plan`` set), and
+    saved at ``after_save`` (``checkpoint_dir`` set). ``timings`` maps stage name to seconds.
+    """
+
+    config: PipelineConfig
+    output_dir: Path
+    model: Any = None
+    tokenizer: Any = None
+    model_path: str = ""
+    plan: PruningPlan | None = None
+    checkpoint_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    layer_params_before: int = 0
+    layer_params_after: int = 0

@@ -1,0 +1,53 @@
+"""``--dry-run``: validate everything and show what would run, reading config.json only (no weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pruning.analysis import ModelAnalyzer
+from pruning.context import PipelineContext
+from pruning.data import _looks_like_path
+from pruning.errors import UserError
+from pruning.outputs import CHECKPOINT_SUBDIR
+from pruning.pipeline import STAGES
+
+
+def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
+    """A plan of the run in words: model size, stages, calibration size, parameters to remove."""
+    config = context.config
+    config_file = Path(context.model_path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model.path: --dry-run needs a local config.json; {config_file} does not exist")
+    analysis = ModelAnalyzer(config_file, Path(context.model_path).name).analyze()
+    cal, prn = config.calibration, config.pruning
+    if prn.importance != "magnitude" and _looks_like_path(cal.source) and not Path(cal.source).is_file():
+        raise UserError(f"calibration.source: file not found: {cal.source}")
+    total = analysis["total_params"]
+    layers = analysis["layer_summary"]["total_layer_params"]
+    base = total if prn.ratio_of == "total" else layers
+    remove = round(prn.ratio * base)
+    first = analysis["layers"][0]["attention"]
+    num_layers, tokens = analysis["layer_summary"]["num_layers"], cal.num_samples * cal.seq_len
+    lines = [
+        f"Dry run of {config.name!r} ({config.source_file}); nothing is loaded or written.",
+        f"  model:       {context.model_path} ({analysis['model_type']}, {num_layers} layers, "
+        f" {first['num_heads']}Q:{first['num_kv_heads']}KV heads, {total:,} parameters, "
+        f"{config.model.dtype} on {config.model.device})",
+        f"  stages:      {' -> '.join(STAGES)}; events before_prune, after_prune, after_save",
+        f"  calibration: {cal.num_samples} windows x {cal.seq_len} tokens = {tokens:,} tokens "
+        f"from {cal.source} (seed {cal.seed}, batch {cal.batch_size})"
+        if prn.importance != "magnitude"
+        else "  calibration: none (magnitude needs no data)",
+        f"  importance:  {prn.importance}; ranked globally across all layers",
+        f"  target:      remove {prn.ratio:.2%} of {prn.ratio_of} parameters = {remove:,} "
+        f"(decoder layers hold {layers:,}); about {total - remove:,} parameters remain",
+        f"  protected:   layers {list(prn.protected_layers) or 'none'}; min KV groups {prn.min_kv_groups}, "
+        f"min channels {prn.min_channels} per layer",
+        f"  output:      {context.output_dir} (checkpoint in {CHECKPOINT_SUBDIR}/, run.json, plan.json)",
+        f"  hooks:       {', '.join(hook_names) or 'none'}",
+    ]
+    if remove > layers:
+        raise UserError(
+            f"pruning.ratio: removing {remove:,} parameters needs more than the layers' {layers:,}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Names in YAML -> hook classes: built-ins, import paths, and third-party entry points.
+
+Nothing is imported or run unless a config names it: entry points in the group ``pruning.hooks`` are
+looked up only for a name that is neither built in nor an import path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from pruning.errors import UserError
+from pruning.hooks.base import Event
+
+ENTRY_POINT_GROUP = "pruning.hooks"
+
+
+class HookRegistry:
+    """Explicit registration by name; one registry per run, no global state."""
+
+    def __init__(self) -> None:
+        self._factories: dict[str, Callable[[], type]] = {}
+
+    def register(self, name: str, factory: Callable[[], type]) -> None:
+        """``factory`` returns the class, so registering a built-in imports nothing heavy."""
+        if name in self._factories:
+            raise ValueError(f"hook name {name!r} is already registered")
+        self._factories[name] = factory
+
+    def names(self) -> list[str]:
+        plugin_names = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        return sorted(set(self._factories) | plugin_names)
+
+    def resolve(self, name: str) -> type:
+        """The class for a registered name, an import path ``pkg.module:Class``, or an entry point."""
+        if name in self._factories:
+            return self._factories[name]()
+        if ":" in name:
+            return _import_path(name)
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                return ep.load()
+        raise UserError(f"hooks: unknown hook {name!r}; known hooks: {', '.join(self.names())}")
+
+
+def _import_path(spec: str) -> type:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"hooks: cannot import {module_name!r} for hook {spec!r}: {e}") from e
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise UserError(f"hooks: module {module_name!r} has no attribute {attr!r}")
+    if not any(callable(getattr(cls, event.value, None)) for event in Event):
+        raise UserError(f"hooks: {spec!r} has none of the event methods {[e.value for e in Event]}")
+    return cls
+
+
+def _analysis_hook() -> type:
+    from pruning.hooks.analysis import AnalysisHook
+
+    return AnalysisHook
+
+
+def default_registry() -> HookRegistry:
+    """A registry with the built-in hooks."""
+    registry = HookRegistry()
+    registry.register("analysis", _analysis_hook)
+    return registry
+
+
+def instantiate(cls: type, params: dict[str, Any], label: str) -> Any:
+    """Build a hook from its YAML params; a bad parameter is the user's error, naming the hook."""
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"hooks: {label}: bad params {params}: {e}") from e

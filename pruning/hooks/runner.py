@@ -1,0 +1,62 @@
+"""Fire events on the configured hooks, in config order, with each hook's on_error policy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pruning.config import HookConfig
+from pruning.context import PipelineContext
+from pruning.errors import UserError
+from pruning.hooks.base import Event
+from pruning.hooks.registry import HookRegistry, default_registry, instantiate
+
+logger = logging.getLogger(__name__)
+
+
+class HookError(UserError):
+    """A hook failed; the message names the hook and the event. The run exits with code 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class ActiveHook:
+    name: str
+    on_error: str
+    instance: Any
+
+
+class HookRunner:
+    """Holds the run's hook instances and emits events to them."""
+
+    def __init__(self, hooks: list[ActiveHook]) -> None:
+        self.hooks = hooks
+
+    @classmethod
+    def from_config(cls, configs: tuple[HookConfig, ...], registry: HookRegistry | None = None) -> HookRunner:
+        """Resolve and construct every configured hook before the run starts (fail fast on typos)."""
+        registry = registry or default_registry()
+        hooks = []
+        for i, hc in enumerate(configs):
+            hook_cls = registry.resolve(hc.name)
+            hooks.append(
+                ActiveHook(hc.name, hc.on_error, instantiate(hook_cls, hc.params, f"hooks[{i}] {hc.name}"))
+            )
+        return cls(hooks)
+
+    def emit(self, event: Event, context: PipelineContext, **kwargs: Any) -> None:
+        """Call ``event`` on every hook that has it; failures raise HookError or, with on_error: warn, log."""
+        for hook in self.hooks:
+            method = getattr(hook.instance, event.value, None)
+            if method is None:
+                continue
+            try:
+                method(context, **kwargs)
+            except Exception as e:  # a hook's failure is reported with its name, never swallowed silently
+                message = f"hook {hook.name!r} failed at {event.value}: {type(e).__name__}: {e}"
+                if hook.on_error == "warn":
+                    logger.warning("%s (on_error: warn, the run goes on)", message)
+                    continue
+                raise HookError(message) from e
