@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/python -m pruning.analysis --model_path smollm2-135m --verbose $(ARGS)
+	$(BIN)/python run_global_pruning.py --config $(CONFIG) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -167,8 +167,10 @@ def main() -> int:
     meta = f"{statistics.median(walls):.2f} s, {statistics.median(peaks):.0f} MB"
     row("ref: Llama-2-7B meta build (transformers)", meta)
 
-    print(f"\nModel analysis benchmark: median of {args.runs} runs "
-          f"(torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs)")
+    print(
+        f"\nModel analysis benchmark: median of {args.runs} runs "
+        f"(torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs)"
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in [("figure", "value", "target", ""), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -19,6 +19,12 @@ from pruning.reports import load_schema
 
 CONFIG_SCHEMA = "config.schema.json"
 
+# JSON Schema counts 16.0 as an integer; a config must not (torch would fail on it much later).
+_STRICT_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+)
+_ConfigValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_STRICT_TYPES)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -134,7 +140,7 @@ def dotted(path: Any) -> str:
 
 def validate_config(raw: Any, source: str = "config") -> None:
     """One UserError naming the key path and the rule, for the most specific schema violation."""
-    validator = jsonschema.Draft202012Validator(load_schema(CONFIG_SCHEMA))
+    validator = _ConfigValidator(load_schema(CONFIG_SCHEMA))
     error = jsonschema.exceptions.best_match(validator.iter_errors(raw))
     if error is not None:
         raise UserError(f"{source}: {dotted(error.absolute_path)}: {error.message}")

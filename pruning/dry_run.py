@@ -6,7 +6,6 @@ from pathlib import Path
 
 from pruning.analysis import ModelAnalyzer
 from pruning.context import PipelineContext
-from pruning.data import _looks_like_path
 from pruning.errors import UserError
 from pruning.outputs import CHECKPOINT_SUBDIR
 from pruning.pipeline import STAGES
@@ -20,8 +19,11 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         raise UserError(f"model.path: --dry-run needs a local config.json; {config_file} does not exist")
     analysis = ModelAnalyzer(config_file, Path(context.model_path).name).analyze()
     cal, prn = config.calibration, config.pruning
-    if prn.importance != "magnitude" and _looks_like_path(cal.source) and not Path(cal.source).is_file():
-        raise UserError(f"calibration.source: file not found: {cal.source}")
+    bad_layers = [i for i in prn.protected_layers if i >= analysis["layer_summary"]["num_layers"]]
+    if bad_layers:
+        raise UserError(
+            f"pruning.protected_layers: {bad_layers} out of range for {len(analysis['layers'])} layers"
+        )
     total = analysis["total_params"]
     layers = analysis["layer_summary"]["total_layer_params"]
     base = total if prn.ratio_of == "total" else layers
@@ -31,7 +33,7 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
     lines = [
         f"Dry run of {config.name!r} ({config.source_file}); nothing is loaded or written.",
         f"  model:       {context.model_path} ({analysis['model_type']}, {num_layers} layers, "
-        f" {first['num_heads']}Q:{first['num_kv_heads']}KV heads, {total:,} parameters, "
+        f"{first['num_heads']}Q:{first['num_kv_heads']}KV heads, {total:,} parameters, "
         f"{config.model.dtype} on {config.model.device})",
         f"  stages:      {' -> '.join(STAGES)}; events before_prune, after_prune, after_save",
         f"  calibration: {cal.num_samples} windows x {cal.seq_len} tokens = {tokens:,} tokens "

@@ -14,7 +14,6 @@ to one layer at a time when calibration later runs layer by layer on models too 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -35,19 +34,26 @@ MLP_PROJS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 ROW_PROJS: frozenset[str] = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
 # ... and input columns of these (their bias belongs to the residual stream, to no structure).
 COLUMN_PROJS: frozenset[str] = frozenset({"o_proj", "down_proj"})
+# InputNormCollector's key for a decoder layer's own input: the residual stream.
+RESIDUAL = "residual"
 
 # Per-weight importance of one Linear: shaped like its weight, and like its bias (None without bias).
 Importance = tuple[torch.Tensor, torch.Tensor | None]
-# (layer index, projection name, module) -> Importance
-WeightImportance = Callable[[int, str, nn.Linear], Importance]
+# (layer index, projection name, module) -> Importance, or None when the criterion ignores that Linear
+WeightImportance = Callable[[int, str, nn.Linear], Importance | None]
 
 
 @dataclass
 class StructureScores:
-    """Per layer: one score per KV group (empty when attention is gone) and one per MLP channel."""
+    """Per layer: one score per KV group (empty when attention is gone) and one per MLP channel.
+
+    ``common_scale`` says the criterion already put every structure of every layer on one scale (a
+    share of the residual stream's energy, a loss change); otherwise the planner normalises per type.
+    """
 
     attention: list[torch.Tensor]
     mlp: list[torch.Tensor]
+    common_scale: bool = False
 
 
 class ImportanceCriterion(Protocol):
@@ -93,7 +99,10 @@ def layer_structure_scores(
         target = attention if name in ATTENTION_PROJS else mlp
         if target.numel() == 0:
             continue
-        weight_imp, bias_imp = importance(layer_idx, name, linear)
+        result = importance(layer_idx, name, linear)
+        if result is None:
+            continue
+        weight_imp, bias_imp = result
         if name in ROW_PROJS:
             per_unit = weight_imp.float().sum(dim=1)
             if bias_imp is not None:
@@ -105,7 +114,9 @@ def layer_structure_scores(
     return attention, mlp
 
 
-def score_layers(model: nn.Module, importance: WeightImportance) -> StructureScores:
+def score_layers(
+    model: nn.Module, importance: WeightImportance, common_scale: bool = False
+) -> StructureScores:
     """``layer_structure_scores`` for every decoder layer of the model."""
     head_dim = head_dim_of(model.config)
     attention, mlp = [], []
@@ -113,7 +124,7 @@ def score_layers(model: nn.Module, importance: WeightImportance) -> StructureSco
         a, m = layer_structure_scores(layer, idx, head_dim, importance)
         attention.append(a)
         mlp.append(m)
-    return StructureScores(attention=attention, mlp=mlp)
+    return StructureScores(attention=attention, mlp=mlp, common_scale=common_scale)
 
 
 def _batches(windows: torch.LongTensor, batch_size: int, desc: str) -> Iterator[torch.LongTensor]:
@@ -138,9 +149,12 @@ class InputNormCollector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def attach(self, layer_idx: int, layer: nn.Module) -> None:
+        """Watch the layer's Linears, and the layer's own input (the residual stream, key "residual")."""
         for name, linear in layer_linears(layer).items():
             hook = self._make_hook((layer_idx, name))
             self._handles.append(linear.register_forward_pre_hook(hook, with_kwargs=True))
+        hook = self._make_hook((layer_idx, RESIDUAL))
+        self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -149,7 +163,7 @@ class InputNormCollector:
 
     def _make_hook(self, key: tuple[int, str]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["input"]
+            x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
             x = x.detach().reshape(-1, x.shape[-1]).float()
             sq = x.pow(2).sum(dim=0)
             if key in self.sumsq:
@@ -168,12 +182,26 @@ class InputNormCollector:
             raise RuntimeError(f"layer {layer_idx} {name} saw no input during calibration")
         return self.sumsq[key].sqrt()
 
+    def mean_square(self, layer_idx: int, name: str) -> torch.Tensor:
+        """E[X_j^2] per input feature j, over all tokens seen."""
+        self.norm(layer_idx, name)  # raises if nothing was seen
+        return self.sumsq[(layer_idx, name)] / self.rows[(layer_idx, name)]
+
 
 @dataclass
 class ActivationCriterion:
-    """|W_ij| * ||X_j||_2 (Wanda-sp / FLAP style): weights that meet large inputs matter.
+    """How much of the residual stream a structure writes, relative to the stream at that layer.
 
-    A bias entry is a weight whose input is the constant 1, so its importance is |b| * sqrt(tokens).
+    A KV group writes through its o_proj columns, a channel through its down_proj column; removing it
+    takes away ``sum_j ||W[:, j]||^2 * E[x_j^2]`` of energy (x_j: the column's input over calibration
+    tokens; cross terms ignored). Dividing by the residual stream's energy at the layer's input,
+    ``E[||h||^2]``, makes the score a share of what flows at that depth, comparable across layers and
+    between attention and MLP, so one global ranking needs no per-type or per-layer rescaling.
+
+    Why this form (measured on SmolLM2-135M, 20% of all parameters, WikiText-2 test, 4,096 tokens,
+    512-token windows, dense perplexity 30.4): Wanda-sp's ``|W| * ||X||`` over all seven projections
+    with a per-type median scale gave 268,212 (it empties the first layers, whose activations are
+    small); the same output-column energy with per-layer mean scaling 93.9; this form 81.7.
     """
 
     name: ClassVar[str] = "activation"
@@ -193,15 +221,14 @@ class ActivationCriterion:
             collector.detach()
             model.train(was_training)
 
-        def importance(layer_idx: int, name: str, linear: nn.Linear) -> Importance:
-            norm = collector.norm(layer_idx, name).to(linear.weight.device)
-            weight_imp = linear.weight.detach().float().abs() * norm[None, :]
-            if linear.bias is None:
-                return weight_imp, None
-            tokens = collector.rows[(layer_idx, name)]
-            return weight_imp, linear.bias.detach().float().abs() * math.sqrt(tokens)
+        def importance(layer_idx: int, name: str, linear: nn.Linear) -> Importance | None:
+            if name not in COLUMN_PROJS:
+                return None
+            residual = float(collector.mean_square(layer_idx, RESIDUAL).sum())
+            mean_sq = collector.mean_square(layer_idx, name).to(linear.weight.device)
+            return linear.weight.detach().float().pow(2) * (mean_sq / residual)[None, :], None
 
-        return score_layers(model, importance)
+        return score_layers(model, importance, common_scale=True)
 
 
 @dataclass
@@ -238,7 +265,7 @@ class TaylorCriterion:
                     batch = batch.to(device)
                     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                     (loss * (batch.shape[0] / total)).backward()
-            return score_layers(model, _taylor_importance)
+            return score_layers(model, _taylor_importance, common_scale=True)
         finally:
             for p, requires_grad, grad in saved:
                 p.requires_grad_(requires_grad)

@@ -31,7 +31,7 @@ def check_output_dir(output_dir: Path, overwrite: bool, model_path: str) -> None
             f"output.dir {output_dir} exists and is not empty; set output.overwrite: true "
             "(or --set output.overwrite=true) or choose another directory"
         )
-    strangers = sorted(e for e in entries if e not in _RUN_ARTIFACTS and not e.startswith("."))
+    strangers = sorted(e for e in entries if e not in _RUN_ARTIFACTS and not _is_leftover(e))
     if strangers:
         raise UserError(
             f"output.dir {output_dir} holds files that are not from a pruning run "
@@ -40,10 +40,16 @@ def check_output_dir(output_dir: Path, overwrite: bool, model_path: str) -> None
 
 
 def clear_previous_run(output_dir: Path) -> None:
-    """Remove a previous run's outputs (only called after check_output_dir allowed it)."""
+    """Remove a previous run's outputs and its temporary leftovers, and nothing else."""
     if output_dir.is_dir():
         for entry in output_dir.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.name in _RUN_ARTIFACTS or _is_leftover(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _is_leftover(name: str) -> bool:
+    """Temporary names our atomic writers use (``.models.partial-xxxx``, ``.run.json.xxxx.tmp``)."""
+    return name.startswith(".") and (".partial-" in name or name.endswith(".tmp"))
 
 
 def _is_within(child: Path, parent: Path) -> bool:

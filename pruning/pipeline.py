@@ -19,6 +19,7 @@ from typing import Any
 
 from pruning.config import PipelineConfig
 from pruning.context import PipelineContext
+from pruning.errors import UserError
 from pruning.hooks import Event, HookRunner
 from pruning.jsonio import write_json_atomic
 from pruning.loading import load_model_and_tokenizer, resolve_model_path
@@ -43,11 +44,21 @@ def stage(context: PipelineContext, name: str, heading: str) -> Iterator[None]:
 def prepare(config: PipelineConfig) -> tuple[PipelineContext, HookRunner]:
     """Every check that needs no weights: model path, output dir, hooks. Nothing is written."""
     model_path = resolve_model_path(config.model)
+    check_calibration_source(config)
     output_dir = Path(config.output.dir)
     check_output_dir(output_dir, config.output.overwrite, model_path)
     hooks = HookRunner.from_config(config.hooks)
     context = PipelineContext(config=config, output_dir=output_dir, model_path=model_path)
     return context, hooks
+
+
+def check_calibration_source(config: PipelineConfig) -> None:
+    """A calibration file that does not exist fails before any weights load."""
+    from pruning.data import _looks_like_path
+
+    source = config.calibration.source
+    if config.pruning.importance != "magnitude" and _looks_like_path(source) and not Path(source).is_file():
+        raise UserError(f"calibration.source: file not found: {source}")
 
 
 def run_pipeline(config: PipelineConfig) -> PipelineContext:
@@ -69,7 +80,6 @@ def run_pipeline(config: PipelineConfig) -> PipelineContext:
     ):
         context.model, context.tokenizer = load_model_and_tokenizer(config.model, context.model_path)
         context.params_before, context.layer_params_before = _count(context.model)
-    clear_previous_run(context.output_dir)
     hooks.emit(Event.BEFORE_PRUNE, context)
 
     criterion = get_criterion(
@@ -97,6 +107,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineContext:
     with stage(context, "prune", "Remove the planned structures"):
         apply_plan(context.model, context.plan)
         context.params_after, context.layer_params_after = _count(context.model)
+    clear_previous_run(context.output_dir)  # only now: a run that fails earlier leaves the old one intact
     hooks.emit(Event.AFTER_PRUNE, context)
 
     with stage(context, "save", f"Save to {context.output_dir / CHECKPOINT_SUBDIR}"):

@@ -41,6 +41,13 @@ class LayerCosts:
     num_channels: int
     kv_group_cost: int
     channel_cost: int
+    # The norm feeding a block goes with its last structure (surgery replaces it by Identity).
+    attention_norm_cost: int = 0
+    mlp_norm_cost: int = 0
+
+    def block_cost(self, kind: str) -> int:
+        """Parameters freed by the norm when the last structure of this kind goes."""
+        return self.attention_norm_cost if kind == ATTENTION else self.mlp_norm_cost
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,18 @@ def layer_costs(layer: nn.Module, head_dim: int) -> LayerCosts:
     group += _cols_cost(getattr(attn, "o_proj", None), k)
     channel = sum(_rows_cost(getattr(mlp, n, None), c) for n in ("gate_proj", "up_proj"))
     channel += _cols_cost(getattr(mlp, "down_proj", None), c)
-    return LayerCosts(num_kv_groups=k, num_channels=c, kv_group_cost=group, channel_cost=channel)
+    return LayerCosts(
+        num_kv_groups=k,
+        num_channels=c,
+        kv_group_cost=group,
+        channel_cost=channel,
+        attention_norm_cost=_param_count(getattr(layer, "input_layernorm", None)) if k else 0,
+        mlp_norm_cost=_param_count(getattr(layer, "post_attention_layernorm", None)) if c else 0,
+    )
+
+
+def _param_count(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
 def _type_scale(values: torch.Tensor) -> float:
@@ -91,7 +109,8 @@ def _type_scale(values: torch.Tensor) -> float:
 
 
 def normalized_candidates(scores: StructureScores, costs: Sequence[LayerCosts]) -> list[Candidate]:
-    """Every structure of every layer with value = (score / cost) / median over its type."""
+    """Every structure of every layer with value = score / cost, divided by its type's median unless
+    the criterion says its scores already share one scale (``StructureScores.common_scale``)."""
     if len(scores.attention) != len(costs) or len(scores.mlp) != len(costs):
         raise ValueError(
             f"scores cover {len(scores.attention)}/{len(scores.mlp)} layers, the model has {len(costs)}"
@@ -113,7 +132,7 @@ def normalized_candidates(scores: StructureScores, costs: Sequence[LayerCosts]) 
         everything = torch.cat([v for _, v, _ in entries])
         if not torch.isfinite(everything).all():
             raise ValueError(f"{kind} scores contain NaN or infinity (numerics of a low-precision dtype?)")
-        scale = _type_scale(everything)
+        scale = 1.0 if scores.common_scale else _type_scale(everything)
         for idx, values, cost in entries:
             out.extend(Candidate(v / scale, idx, kind, j, cost) for j, v in enumerate(values.tolist()))
     return out
@@ -162,6 +181,8 @@ def select_for_removal(
         kept[key] -= 1
         removed.append(cand)
         total += cand.cost
+        if kept[key] == 0:
+            total += costs[cand.layer_idx].block_cost(cand.kind)
         if total >= target:
             break
     return removed
@@ -240,7 +261,12 @@ def _build_plan(
         )
         for i, lc in enumerate(costs)
     )
-    removed_params = sum(c.cost for c in removed)
+    removed_params = sum(c.cost for c in removed) + sum(
+        lc.block_cost(kind)
+        for lp, lc in zip(layer_plans, costs, strict=True)
+        for kind, emptied in ((ATTENTION, lp.attention_removed), (MLP, lp.mlp_removed))
+        if emptied
+    )
     extra = {
         "ratio": ratio,
         "ratio_of": ratio_of,

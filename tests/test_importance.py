@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -101,9 +99,11 @@ def test_magnitude_equals_sum_abs_weights_and_biases() -> None:
 
 
 def test_activation_scores_equal_hand_computation_on_one_layer() -> None:
+    """Score = sum over the structure's output columns of W^2 * E[x^2], over E[||h||^2] of the layer input."""
     model = tiny_model(bias=True)
     windows = random_windows(n=5)
     scores = ActivationCriterion(batch_size=2).score(model, windows)
+    assert scores.common_scale
 
     layer = model.model.layers[1]
     captured: dict[str, torch.Tensor] = {}
@@ -113,21 +113,16 @@ def test_activation_scores_equal_hand_computation_on_one_layer() -> None:
     ]
     with torch.no_grad():
         hidden = model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states[1]
-        x_attn = layer.input_layernorm(hidden)
-        x_mlp = layer.post_attention_layernorm(hidden + layer.self_attn.o_proj(captured["o"]))
     for h in handles:
         h.remove()
-    inputs = {"q_proj": x_attn, "k_proj": x_attn, "v_proj": x_attn, "o_proj": captured["o"]}
-    inputs.update({"gate_proj": x_mlp, "up_proj": x_mlp, "down_proj": captured["down"]})
-    tokens = windows.numel()
-    imp, bias = {}, {}
-    for name, lin in linears(layer).items():
-        norm = inputs[name].reshape(-1, inputs[name].shape[-1]).norm(dim=0)  # ||X_j|| over all tokens
-        imp[name] = lin.weight.detach().abs() * norm
-        if lin.bias is not None:
-            bias[name] = lin.bias.detach().abs() * math.sqrt(tokens)
-    torch.testing.assert_close(scores.attention[1], group_sums(imp, bias), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(scores.mlp[1], channel_sums(imp, bias), rtol=1e-4, atol=1e-4)
+    residual = hidden.reshape(-1, hidden.shape[-1]).pow(2).sum(dim=1).mean()  # E[||h||^2] per token
+    zero_rows = {n: torch.zeros_like(lin.weight) for n, lin in linears(layer).items()}
+    imp = dict(zero_rows)
+    for name, key in (("o_proj", "o"), ("down_proj", "down")):
+        x = captured[key].reshape(-1, captured[key].shape[-1])
+        imp[name] = linears(layer)[name].weight.detach().pow(2) * x.pow(2).mean(dim=0) / residual
+    torch.testing.assert_close(scores.attention[1], group_sums(imp, {}), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(scores.mlp[1], channel_sums(imp, {}), rtol=1e-4, atol=1e-8)
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 

@@ -54,6 +54,9 @@ def physical_param_count(model: LlamaForCausalLM, plan: PruningPlan) -> int:
         total += attn.v_proj.weight[kv_rows].numel() + attn.o_proj.weight[:, q_rows].numel()
         total += mlp.gate_proj.weight[ch].numel() + mlp.up_proj.weight[ch].numel()
         total += mlp.down_proj.weight[:, ch].numel()
+        # The norm feeding an emptied block goes with it (surgery replaces it by Identity).
+        total -= layer.input_layernorm.weight.numel() if lp.attention_removed else 0
+        total -= layer.post_attention_layernorm.weight.numel() if lp.mlp_removed else 0
         for lin in (
             attn.q_proj,
             attn.k_proj,
@@ -106,7 +109,8 @@ def test_removes_lowest_ranked_and_lands_within_one_structure(model: LlamaForCau
     vals = values(model, scores)
     kept = set(vals) - removed
     assert max(vals[k] for k in removed) <= min(vals[k] for k in kept)  # a prefix of the global ranking
-    removed_cost = sum(cost_of(k) for k in removed)
+    emptied = len(plan.extra["attention_blocks_removed"]) + len(plan.extra["mlp_blocks_removed"])
+    removed_cost = sum(cost_of(k) for k in removed) + HIDDEN * emptied  # an emptied block's norm goes too
     last = max(removed, key=lambda k: (vals[k], k))  # ties go by (layer, kind, index), as in the planner
     assert removed_cost >= target > removed_cost - cost_of(last)  # stops at the first that reaches it
     assert plan.params_before == before
@@ -126,6 +130,16 @@ def test_attention_and_mlp_compete_on_one_scale(model: LlamaForCausalLM) -> None
     a, b = plan_global(model, scores, 0.3), plan_global(model, rescaled, 0.3)
     assert a.layers == b.layers
     assert a.extra["removed_kv_groups"] > 0 and a.extra["removed_channels"] > 0
+
+
+def test_common_scale_scores_are_ranked_as_given(model: LlamaForCausalLM) -> None:
+    """A criterion that already shares one scale is not renormalised: boosting MLP keeps all channels."""
+    scores = random_scores(seed=3)
+    boosted = StructureScores(
+        attention=list(scores.attention), mlp=[s * 1e6 for s in scores.mlp], common_scale=True
+    )
+    plan = plan_global(model, boosted, 0.05)
+    assert plan.extra["removed_channels"] == 0 and plan.extra["removed_kv_groups"] > 0
 
 
 def test_can_remove_a_whole_attention_block(model: LlamaForCausalLM) -> None:

@@ -7,6 +7,8 @@ looked up only for a name that is neither built in nor an import path.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -41,16 +43,25 @@ class HookRegistry:
             return _import_path(name)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == name:
-                return ep.load()
+                try:
+                    return ep.load()
+                except Exception as e:  # a broken plugin is reported by name, not as a traceback
+                    raise UserError(f"hooks: plugin {name!r} ({ep.value}) failed to load: {e}") from e
         raise UserError(f"hooks: unknown hook {name!r}; known hooks: {', '.join(self.names())}")
 
 
 def _import_path(spec: str) -> type:
+    """Import ``module:Class``; the working directory is searched too, so a local ``my_hooks.py`` works."""
     module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"hooks: cannot import {module_name!r} for hook {spec!r}: {e}") from e
+    except Exception as e:  # ImportError, or a SyntaxError/any error raised while importing the user's module
+        raise UserError(
+            f"hooks: cannot import {module_name!r} for hook {spec!r}: {type(e).__name__}: {e}"
+        ) from e
     cls = getattr(module, attr, None)
     if cls is None:
         raise UserError(f"hooks: module {module_name!r} has no attribute {attr!r}")

@@ -1,0 +1,252 @@
+"""Config loading: the shipped YAMLs, ``--set`` overrides, one-line errors naming key path and rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pruning.config import (
+    CalibrationConfig,
+    HookConfig,
+    ModelConfig,
+    OutputConfig,
+    PipelineConfig,
+    PruningConfig,
+    load_config,
+    validate_config,
+)
+from pruning.errors import UserError
+from tests.tiny_pipeline import REPO
+
+SMOLLM2 = REPO / "configs" / "smollm2_0.2.yaml"
+LLAMA2 = REPO / "configs" / "llama2_0.2.yaml"
+
+
+def write(tmp_path: Path, data: object, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def minimal() -> dict:
+    return {"model": {"path": "some/model"}, "pruning": {"ratio": 0.2}}
+
+
+def user_error(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- shipped
+
+
+def test_smollm2_config_values():
+    config = load_config(SMOLLM2)
+    assert config == PipelineConfig(
+        name="smollm2_0.2",
+        model=ModelConfig(path="smollm2-135m", dtype="float32", device="cpu"),
+        calibration=CalibrationConfig(
+            source="data/wikitext-2-raw/wiki.valid.raw", num_samples=64, seq_len=256, batch_size=4, seed=0
+        ),
+        pruning=PruningConfig(
+            ratio=0.2, ratio_of="total", importance="activation", protected_layers=(), min_kv_groups=0
+        ),
+        output=OutputConfig(dir="results/smollm2_0.2", overwrite=False),
+        hooks=(HookConfig(name="analysis", params={"lang": "en", "verbose": True}, on_error="raise"),),
+        source_file=str(SMOLLM2),
+    )
+    assert isinstance(config.pruning.ratio, float) and isinstance(config.calibration.num_samples, int)
+    assert isinstance(config.pruning.protected_layers, tuple)
+
+
+def test_llama2_config_values():
+    config = load_config(LLAMA2)
+    assert config.name == "llama2_0.2"
+    assert config.model == ModelConfig(path="meta-llama/Llama-2-7b-hf", dtype="bfloat16", device="auto")
+    assert (config.calibration.num_samples, config.calibration.seq_len) == (128, 512)
+    assert config.pruning.ratio == 0.2 and config.pruning.ratio_of == "total"
+    assert config.output.dir == "results/llama2_0.2"
+    assert [h.name for h in config.hooks] == ["analysis"] and config.hooks[0].on_error == "raise"
+
+
+def test_defaults_from_a_minimal_config(tmp_path: Path):
+    config = load_config(write(tmp_path, minimal(), "my-run.yaml"))
+    assert config.name == "my-run"  # the file's stem
+    assert config.model == ModelConfig(path="some/model", dtype="float32", device="cpu")
+    assert config.calibration == CalibrationConfig()
+    assert config.calibration.source == "data/wikitext-2-raw/wiki.valid.raw"
+    assert config.pruning == PruningConfig(ratio=0.2)
+    assert config.pruning.importance == "activation" and config.pruning.protected_layers == ()
+    assert config.output == OutputConfig(dir=str(Path("results") / "my-run"), overwrite=False)
+    assert config.hooks == ()
+
+
+def test_hook_given_as_a_string_gets_default_params(tmp_path: Path):
+    config = load_config(
+        write(tmp_path, {**minimal(), "hooks": ["analysis", {"name": "x:Y", "on_error": "warn"}]})
+    )
+    assert config.hooks == (HookConfig("analysis", {}, "raise"), HookConfig("x:Y", {}, "warn"))
+
+
+def test_readme_config_example_is_valid():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("name: smollm2_0.2"))
+    raw = yaml.safe_load(block)
+    validate_config(raw, "README.md")
+    shipped = yaml.safe_load(SMOLLM2.read_text(encoding="utf-8"))
+    assert raw == shipped  # the documented example is what the shipped config says
+
+
+# ---------------------------------------------------------------------------------------------- --set
+
+
+def test_overrides_are_typed_as_yaml():
+    config = load_config(
+        SMOLLM2,
+        [
+            "pruning.ratio=0.3",
+            "calibration.num_samples=16",
+            "output.overwrite=true",
+            "pruning.protected_layers=[0, 1]",
+            "model.path=other/model",
+        ],
+    )
+    assert config.pruning.ratio == 0.3 and isinstance(config.pruning.ratio, float)
+    assert config.calibration.num_samples == 16 and type(config.calibration.num_samples) is int
+    assert config.output.overwrite is True
+    assert config.pruning.protected_layers == (0, 1)
+    assert config.model.path == "other/model"
+    assert config.calibration.seq_len == 256  # untouched keys keep the file's values
+
+
+def test_override_creates_a_missing_section(tmp_path: Path):
+    config = load_config(write(tmp_path, minimal()), ["output.dir=elsewhere", "calibration.seed=7"])
+    assert config.output.dir == "elsewhere" and config.calibration.seed == 7
+
+
+def test_later_override_wins():
+    assert load_config(SMOLLM2, ["pruning.ratio=0.3", "pruning.ratio=0.4"]).pruning.ratio == 0.4
+
+
+def test_overridden_value_is_validated():
+    message = user_error(SMOLLM2, ["pruning.ratio=1.5"])
+    assert "pruning.ratio" in message and "1.5 is greater than or equal to the maximum of 1" in message
+
+
+@pytest.mark.parametrize("override", ["pruning.ratio", "=0.3", "  =1"])
+def test_override_without_key_or_equals(override: str):
+    message = user_error(SMOLLM2, [override])
+    assert message.startswith(f"--set {override!r}") and "expected key.path=value" in message
+
+
+def test_override_into_a_scalar_is_refused():
+    message = user_error(SMOLLM2, ["model.path.deep=1"])
+    assert "'path' is not a section" in message
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def mutate(section: str | None, key: str, value: object) -> dict:
+    raw = yaml.safe_load(SMOLLM2.read_text(encoding="utf-8"))
+    target = raw if section is None else raw[section]
+    if value is _DELETE:
+        del target[key]
+    else:
+        target[key] = value
+    return raw
+
+
+_DELETE = object()
+
+BAD = [
+    # (section, key, value, key path in the message, rule in the message)
+    (None, "colour", "red", "(top level)", "Additional properties are not allowed ('colour' was unexpected)"),
+    ("pruning", "rato", 0.2, "pruning", "Additional properties are not allowed ('rato' was unexpected)"),
+    ("calibration", "seqlen", 8, "calibration", "('seqlen' was unexpected)"),
+    ("pruning", "ratio", "0.2", "pruning.ratio", "'0.2' is not of type 'number'"),
+    ("calibration", "num_samples", 1.5, "calibration.num_samples", "is not of type 'integer'"),
+    ("calibration", "num_samples", True, "calibration.num_samples", "is not of type 'integer'"),
+    ("output", "overwrite", "yes", "output.overwrite", "'yes' is not of type 'boolean'"),
+    ("pruning", "ratio", 0, "pruning.ratio", "0 is less than or equal to the minimum of 0"),
+    ("pruning", "ratio", 1, "pruning.ratio", "1 is greater than or equal to the maximum of 1"),
+    ("pruning", "ratio", 1.5, "pruning.ratio", "1.5 is greater than or equal to the maximum of 1"),
+    ("pruning", "ratio", -0.1, "pruning.ratio", "-0.1 is less than or equal to the minimum of 0"),
+    ("pruning", "ratio_of", "params", "pruning.ratio_of", "'params' is not one of ['total', 'layers']"),
+    ("pruning", "importance", "random", "pruning.importance", "is not one of"),
+    ("pruning", "protected_layers", [0, 0], "pruning.protected_layers", "has non-unique elements"),
+    ("pruning", "protected_layers", [-1], "pruning.protected_layers[0]", "less than the minimum of 0"),
+    ("model", "dtype", "fp8", "model.dtype", "'fp8' is not one of"),
+    ("model", "device", "gpu", "model.device", "does not match"),
+    (None, "model", _DELETE, "(top level)", "'model' is a required property"),
+    ("model", "path", _DELETE, "model", "'path' is a required property"),
+    ("model", "path", "", "model.path", "should be non-empty"),
+    (None, "name", "a b", "name", "does not match"),
+    (None, "hooks", "analysis", "hooks", "'analysis' is not of type 'array'"),
+    (None, "hooks", [{"name": "analysis", "on_error": "ignore"}], "hooks[0].on_error", "is not one of"),
+    (None, "hooks", [{"params": {}}], "hooks[0]", "'name' is a required property"),
+    (None, "hooks", [{"name": "analysis", "prams": {}}], "hooks[0]", "('prams' was unexpected)"),
+    (None, "hooks", [5], "hooks[0]", "is not valid under any of the given schemas"),
+    (None, "hooks", ["analysis", ""], "hooks[1]", "should be non-empty"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "where", "rule"), BAD)
+def test_bad_config_names_key_path_and_rule(tmp_path: Path, section, key, value, where, rule):
+    path = write(tmp_path, mutate(section, key, value))
+    message = user_error(path)
+    assert message.startswith(f"{path}: {where}: "), message
+    assert rule in message
+
+
+def test_missing_pruning_section(tmp_path: Path):
+    message = user_error(write(tmp_path, {"model": {"path": "m"}}))
+    assert "(top level): 'pruning' is a required property" in message
+
+
+def test_missing_ratio(tmp_path: Path):
+    message = user_error(write(tmp_path, {"model": {"path": "m"}, "pruning": {}}))
+    assert "pruning: 'ratio' is a required property" in message
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path):
+    path = write(tmp_path, "model:\n  path: m\npruning: {ratio: 0.2\n")
+    message = user_error(path)
+    assert message.startswith(f"{path}: not valid YAML at line ") and "column" in message
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str):
+    message = user_error(write(tmp_path, text))
+    assert "the config must be a YAML mapping" in message
+
+
+def test_missing_file(tmp_path: Path):
+    path = tmp_path / "nope.yaml"
+    assert user_error(path) == f"{path}: config file not found"
+
+
+def test_validate_config_rejects_non_mapping():
+    with pytest.raises(UserError, match=r"^cfg: \(top level\): \[1\] is not of type 'object'"):
+        validate_config([1], "cfg")
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("path", [SMOLLM2, LLAMA2])
+def test_to_dict_round_trips(tmp_path: Path, path: Path):
+    config = load_config(path, ["pruning.protected_layers=[2, 5]", "output.overwrite=true"])
+    data = config.to_dict()
+    validate_config(data, "to_dict")
+    assert "source_file" not in data and data["pruning"]["protected_layers"] == [2, 5]
+    assert data["hooks"] == [dataclasses.asdict(h) for h in config.hooks]
+    again = load_config(write(tmp_path, data, "again.yaml"))
+    assert dataclasses.replace(again, source_file=config.source_file) == config

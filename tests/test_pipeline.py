@@ -1,0 +1,235 @@
+"""The whole pipeline in-process on a tiny Llama GQA model with a real tokenizer (no real model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import pruning
+from pruning import reports
+from pruning.cli import main
+from pruning.plan import PruningPlan
+from pruning.surgery import zero_plan_structures
+from tests.tiny_pipeline import (
+    CHANNEL_COST,
+    HEAD_DIM,
+    HIDDEN,
+    KV_GROUP_COST,
+    MAX_STRUCTURE_COST,
+    VOCAB,
+    build_tiny_model_dir,
+    tree_digest,
+    write_config,
+)
+
+REPORTS = ("original_model_analysis.json", "pruned_model_analysis.json", "model_comparison.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def run(config: Path, *args: str) -> int:
+    return main(["--config", str(config), *args])
+
+
+def prune(tmp_path: Path, model_dir: Path, name: str = "run", *args: str, **sections) -> SimpleNamespace:
+    """Write a config, run the CLI in-process, return exit code, output dir and (if any) run.json."""
+    out = tmp_path / name
+    config = write_config(tmp_path / f"{name}.yaml", model_dir, out, **sections)
+    code = run(config, *args)
+    record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else None
+    return SimpleNamespace(code=code, out=out, config=config, record=record, plan=plan)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> SimpleNamespace:
+    """One activation run at 20% of all parameters, with the source directory hashed around it."""
+    before = tree_digest(tiny_dir)
+    result = prune(tmp_path_factory.mktemp("baseline"), tiny_dir)
+    result.source_before, result.source_after = before, tree_digest(tiny_dir)
+    return result
+
+
+def removed_within_one_structure(record: dict, base_key: str, plan: dict) -> None:
+    """Removal reaches the target and overshoots it by less than one structure (plus the norm of a block
+    that lost every structure, which goes with it)."""
+    emptied = len(plan["extra"]["attention_blocks_removed"]) + len(plan["extra"]["mlp_blocks_removed"])
+    target = record["target_ratio"] * record[base_key]
+    removed = record["params_before"] - record["params_after"]
+    assert target <= removed < target + MAX_STRUCTURE_COST + emptied * HIDDEN, (removed, target)
+
+
+def test_structure_costs_match_the_planner(tiny_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    from pruning.planner import layer_costs
+
+    model = LlamaForCausalLM.from_pretrained(tiny_dir)
+    costs = layer_costs(model.model.layers[0], HEAD_DIM)
+    assert (costs.kv_group_cost, costs.channel_cost) == (KV_GROUP_COST, CHANNEL_COST)
+    assert (costs.num_kv_groups, costs.num_channels) == (2, 128)
+
+
+def test_run_succeeds_and_writes_every_output(baseline: SimpleNamespace):
+    assert baseline.code == 0
+    out = baseline.out
+    assert sorted(p.name for p in out.iterdir()) == ["analysis", "models", "plan.json", "run.json"]
+    assert sorted(p.name for p in (out / "analysis").iterdir()) == sorted(REPORTS)
+    assert (out / "models" / "model.safetensors").is_file()
+    assert (out / "models" / "tokenizer.json").is_file()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob(".*"))  # no pickles, no leftovers
+
+
+def test_reports_are_valid_and_agree(baseline: SimpleNamespace):
+    original, pruned, comparison = (reports.load(baseline.out / "analysis" / name) for name in REPORTS)
+    record = baseline.record
+    assert original["total_params"] == record["params_before"]
+    assert pruned["total_params"] == record["params_after"]
+    assert comparison["total_params"]["original"] == record["params_before"]
+    assert comparison["total_params"]["reduced"] == record["params_removed"]
+    assert comparison["layer_params"]["pruned"] == record["layer_params_after"]
+
+
+def test_run_record(baseline: SimpleNamespace):
+    record = baseline.record
+    assert record["name"] == "tiny" and record["config_file"] == str(baseline.config)
+    assert record["config"]["pruning"] == {
+        "ratio": 0.2,
+        "ratio_of": "total",
+        "importance": "activation",
+        "protected_layers": [],
+        "min_kv_groups": 0,
+        "min_channels": 0,
+    }
+    assert list(record["timings_s"]) == ["load", "calibrate", "score", "plan", "prune", "save"]
+    assert record["target_ratio"] == 0.2 and record["ratio_of"] == "total"
+    assert record["params_removed"] == record["params_before"] - record["params_after"] > 0
+    assert record["achieved_ratio"] == pytest.approx(record["params_removed"] / record["params_before"])
+    removed_within_one_structure(record, "params_before", baseline.plan)
+    assert record["outputs"]["analysis"] == str(baseline.out / "analysis")
+
+
+def test_params_after_equals_the_saved_checkpoint(baseline: SimpleNamespace):
+    model = pruning.load_pruned_model(baseline.out / "models")
+    assert sum(p.numel() for p in model.parameters()) == baseline.record["params_after"]
+    layout = json.loads((baseline.out / "models" / "config.json").read_text())["pruning_layout"]
+    plan = PruningPlan.from_dict(baseline.plan)
+    assert layout["intermediate_size"] == [lp.num_channels - len(lp.remove_channels) for lp in plan.layers]
+
+
+def test_pruned_model_equals_dense_model_with_plan_zeroed(baseline: SimpleNamespace, tiny_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    pruned = pruning.load_pruned_model(baseline.out / "models")
+    dense = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense_logits = dense(ids).logits
+        zero_plan_structures(dense, PruningPlan.from_dict(baseline.plan))
+        zeroed_logits = dense(ids).logits
+        pruned_logits = pruned(ids).logits
+    assert not torch.allclose(dense_logits, zeroed_logits, atol=1e-3)  # the plan changes the function
+    torch.testing.assert_close(pruned_logits, zeroed_logits, atol=1e-4, rtol=0)
+
+
+def test_source_model_directory_is_untouched(baseline: SimpleNamespace, tiny_dir: Path):
+    assert baseline.source_before and baseline.source_before == baseline.source_after
+    assert "model.safetensors" in baseline.source_after
+
+
+def test_ratio_of_layers_differs_from_total(tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace):
+    layers = prune(tmp_path, tiny_dir, "layers", pruning={"ratio_of": "layers"})
+    assert layers.code == 0
+    record, total = layers.record, baseline.record
+    assert record["ratio_of"] == "layers"
+    removed_within_one_structure(record, "layer_params_before", layers.plan)
+    assert record["params_removed"] < total["params_removed"]  # 20% of the layers < 20% of everything
+    assert record["achieved_layer_ratio"] < total["achieved_layer_ratio"]
+
+
+def removal_sets(plan: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    return [(tuple(lp["remove_kv_groups"]), tuple(lp["remove_channels"])) for lp in plan["layers"]]
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude"])
+def test_other_importance_criteria(tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace, criterion: str):
+    result = prune(tmp_path, tiny_dir, criterion, pruning={"importance": criterion})
+    assert result.code == 0
+    assert result.plan["criterion"] == criterion and baseline.plan["criterion"] == "activation"
+    removed_within_one_structure(result.record, "params_before", result.plan)
+    assert removal_sets(result.plan) != removal_sets(baseline.plan)
+    reports.load(result.out / "analysis" / "model_comparison.json")
+    model = pruning.load_pruned_model(result.out / "models")
+    assert sum(p.numel() for p in model.parameters()) == result.record["params_after"]
+
+
+def test_second_run_needs_overwrite(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture):
+    first = prune(tmp_path, tiny_dir, "again", pruning={"importance": "magnitude"})
+    assert first.code == 0 and (first.out / "analysis").is_dir()
+    before = tree_digest(first.out)
+    capsys.readouterr()
+
+    assert run(first.config) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output.dir ") and "output.overwrite" in err
+    assert tree_digest(first.out) == before
+
+    # Overwriting clears the previous run: without hooks this run writes no analysis/.
+    code = run(
+        first.config, "--set", "output.overwrite=true", "--set", "hooks=[]", "--set", "pruning.ratio=0.3"
+    )
+    assert code == 0
+    record = json.loads((first.out / "run.json").read_text())
+    assert record["target_ratio"] == 0.3 and record["config"]["hooks"] == []
+    assert sorted(p.name for p in first.out.iterdir()) == ["models", "plan.json", "run.json"]
+
+
+def test_output_dir_with_unrelated_files_is_refused(tmp_path: Path, tiny_dir: Path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "run.json").write_text("{}")
+    before = tree_digest(out)
+    config = write_config(tmp_path / "busy.yaml", tiny_dir, out, output={"overwrite": True})
+    assert run(config) == 2
+    err = capsys.readouterr().err
+    assert "not from a pruning run (notes.txt)" in err and "refusing to overwrite" in err
+    assert tree_digest(out) == before
+
+
+def test_output_dir_inside_the_source_model_is_refused(tmp_path: Path, tiny_dir: Path, capsys):
+    before = tree_digest(tiny_dir)
+    config = write_config(tmp_path / "inside.yaml", tiny_dir, tiny_dir / "pruned")
+    assert run(config) == 2
+    assert "is inside the source model" in capsys.readouterr().err
+    assert tree_digest(tiny_dir) == before and not (tiny_dir / "pruned").exists()
+
+
+def test_protected_layers_are_untouched(tmp_path: Path, tiny_dir: Path):
+    from safetensors.torch import load_file
+
+    result = prune(tmp_path, tiny_dir, "protected", pruning={"ratio": 0.3, "protected_layers": [0, 3]})
+    assert result.code == 0
+    removed = removal_sets(result.plan)
+    assert removed[0] == ((), ()) and removed[3] == ((), ())
+    assert removed[1] != ((), ()) and removed[2] != ((), ())
+    removed_within_one_structure(result.record, "params_before", result.plan)
+
+    dense = load_file(tiny_dir / "model.safetensors")
+    pruned = pruning.load_pruned_model(result.out / "models").state_dict()
+    for idx in (0, 3):
+        keys = sorted(k for k in dense if k.startswith(f"model.layers.{idx}."))
+        assert len(keys) == 9  # 4 attention + 3 MLP projections + 2 norms
+        for key in keys:
+            assert torch.equal(pruned[key], dense[key]), key
+    for idx in (1, 2):
+        prefix = f"model.layers.{idx}."
+        size = sum(v.numel() for k, v in pruned.items() if k.startswith(prefix))
+        assert size < sum(v.numel() for k, v in dense.items() if k.startswith(prefix))

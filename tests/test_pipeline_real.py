@@ -1,0 +1,92 @@
+"""configs/smollm2_0.2.yaml end to end on the real SmolLM2-135M (one run, ~15-60 s on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import pruning
+from pruning import reports
+from tests.tiny_pipeline import REPO
+
+pytestmark = pytest.mark.real_model
+
+REPORTS = ("original_model_analysis.json", "pruned_model_analysis.json", "model_comparison.json")
+
+
+@pytest.fixture(scope="module")
+def real_run(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("smollm2") / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run_global_pruning.py"),
+            "--config",
+            "configs/smollm2_0.2.yaml",
+            "--set",
+            "calibration.num_samples=16",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
+    return SimpleNamespace(result=result, out=out, record=record, source=smollm2_dir)
+
+
+def test_run_succeeds(real_run: SimpleNamespace):
+    assert real_run.result.returncode == 0, real_run.result.stderr[-3000:]
+    assert real_run.record["model_path"] == str(real_run.source)
+    assert real_run.record["config"]["calibration"]["num_samples"] == 16
+
+
+def test_total_reduction_is_twenty_percent(real_run: SimpleNamespace):
+    record = real_run.record
+    assert record["ratio_of"] == "total" and record["target_ratio"] == 0.2
+    assert abs(record["achieved_ratio"] - 0.2) <= 0.005, record["achieved_ratio"]
+    assert record["params_removed"] == record["params_before"] - record["params_after"]
+
+
+def test_reports_valid_and_match_the_reloaded_model(real_run: SimpleNamespace):
+    original, pruned, comparison = (reports.load(real_run.out / "analysis" / name) for name in REPORTS)
+    assert original["total_params"] == real_run.record["params_before"]
+    assert comparison["total_params"]["pruned"] == pruned["total_params"]
+    model = pruning.load_pruned_model(real_run.out / "models")
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == pruned["total_params"]
+        == real_run.record["params_after"]
+    )
+
+
+def test_greedy_generation_same_with_and_without_cache(real_run: SimpleNamespace):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_run.out / "models")
+    model = pruning.load_pruned_model(real_run.out / "models")
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    outputs = {}
+    with torch.no_grad():
+        for use_cache in (True, False):
+            outputs[use_cache] = model.generate(
+                **inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=use_cache
+            )
+    assert outputs[True].shape[1] == prompt_len + 20
+    assert torch.equal(outputs[True], outputs[False]), tokenizer.batch_decode(list(outputs.values()))
+
+
+def test_comparison_is_logged(real_run: SimpleNamespace):
+    log = real_run.result.stdout + real_run.result.stderr
+    assert "Detailed comparison report" in log
+    assert "checkpoint on disk matches the in-memory analysis" in log
+    assert f"{real_run.record['params_after']:,}" in log
