@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "configs"
 GOLDEN = FIXTURES / "golden"
 REPO = Path(__file__).parent.parent
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
+WIKITEXT = REPO / "data" / "wikitext-2-raw"
 
 
 def config_dir(name: str) -> Path:

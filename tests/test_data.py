@@ -14,7 +14,7 @@ from pruning.data import calibration_windows
 from pruning.errors import UserError
 from pruning.evaluation import evaluation_windows, perplexity
 
-WIKI_VALID = Path("/work/shared/data/wikitext-2-raw/wiki.valid.raw")
+WIKI_VALID = Path(__file__).parent.parent / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
 
 class CharTokenizer:
