@@ -101,7 +101,6 @@ def test_dataset_name_without_datasets_library_says_how_to_fix(monkeypatch: pyte
         calibration_windows("wikitext", CharTokenizer(), num_samples=1, seq_len=8, seed=0)
 
 
-@pytest.mark.skipif(not WIKI_VALID.is_file(), reason="WikiText-2 not available")
 def test_windows_from_wikitext_file() -> None:
     windows = calibration_windows(str(WIKI_VALID), CharTokenizer(), num_samples=4, seq_len=64, seed=0)
     text = WIKI_VALID.read_text(encoding="utf-8")
