@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from pruning.analysis.sources import PICKLE_SUFFIXES
 from pruning.architectures import check_supported, decoder_layers, head_dim_of
 from pruning.errors import UserError
 from pruning.modules import ZeroAttention, ZeroMLP
@@ -33,7 +34,6 @@ from pruning.surgery import LAYOUT_VERSION, pruned_layout
 logger = logging.getLogger(__name__)
 
 LAYOUT_KEY = "pruning_layout"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 

@@ -23,7 +23,8 @@ from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, s
 from pruning.errors import UserError
 from pruning.models import BUILTIN_MODELS, resolve
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Suffixes of files that torch.load would unpickle; shared with pruning.checkpoint.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
