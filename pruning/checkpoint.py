@@ -96,13 +96,19 @@ def _meta_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
 
 
 def _check_layout(layout: Mapping[str, Any], num_layers: int) -> None:
+    if not isinstance(layout, Mapping):
+        raise UserError(f"{LAYOUT_KEY} must be an object, got {type(layout).__name__}")
     if layout.get("version") != LAYOUT_VERSION:
         version = layout.get("version")
         raise UserError(f"{LAYOUT_KEY}: unsupported version {version!r} (expected {LAYOUT_VERSION})")
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         values = layout.get(key)
-        if not isinstance(values, list) or len(values) != num_layers:
-            raise UserError(f"{LAYOUT_KEY}.{key} must be a list of {num_layers} integers")
+        if (
+            not isinstance(values, list)
+            or len(values) != num_layers
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+        ):
+            raise UserError(f"{LAYOUT_KEY}.{key} must be a list of {num_layers} non-negative integers")
     pairs = zip(layout["num_attention_heads"], layout["num_key_value_heads"], strict=True)
     for i, (heads, kv) in enumerate(pairs):
         if (heads == 0) != (kv == 0) or (kv and heads % kv):
@@ -196,10 +202,22 @@ def _load_pickle(path: Path, dtype: torch.dtype | None, device: str | torch.devi
     return model.eval()
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / SAFE_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map' object")
         return [directory / name for name in sorted(set(weight_map.values()))]
     if (directory / SAFE_WEIGHTS).is_file():
         return [directory / SAFE_WEIGHTS]
@@ -244,7 +262,7 @@ def load_pruned_model(
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path} has no config.json")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
     model = build_pruned_skeleton(config, attn_implementation=attn_implementation)
     state = _read_state(_weight_files(path), dtype, device)
 

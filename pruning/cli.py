@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pruning.cli_support import run_cli, setup_logging
 from pruning.config import load_config
@@ -40,10 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"output.dir={args.output_dir}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, args.overrides)
+    if args.output_dir:  # a plain string, not YAML: "2024-05-01" or "a #1" stay as typed
+        config = replace(config, output=replace(config.output, dir=args.output_dir))
     from pruning.pipeline import prepare, run_pipeline
 
     if args.dry_run:

@@ -53,7 +53,20 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     check_supported(config)
     if getattr(config, "pruning_layout", None):
         raise UserError(f"model.path: {path} is already pruned; prune the original model instead")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
-    model.to(pick_device(cfg.device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    device = pick_device(cfg.device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from e
+    try:
+        # safetensors only: never unpickle a pytorch_model.bin without the user's consent
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, cfg.dtype), use_safetensors=True
+        )
+    except OSError as e:
+        raise UserError(
+            f"model.path: no safetensors weights in {path!r} (pickled .bin weights are not loaded; "
+            f"convert them to safetensors): {str(e).splitlines()[0]}"
+        ) from e
+    model.to(device).eval()
     return model, tokenizer

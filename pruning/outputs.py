@@ -17,8 +17,14 @@ _RUN_ARTIFACTS = {CHECKPOINT_SUBDIR, "analysis", RUN_RECORD, PLAN_FILE}
 def check_output_dir(output_dir: Path, overwrite: bool, model_path: str) -> None:
     """Refuse a non-empty output dir (unless overwrite) and any output inside the source model."""
     model_dir = Path(model_path)
-    if model_dir.exists() and _is_within(output_dir.resolve(), model_dir.resolve()):
-        raise UserError(f"output.dir {output_dir} is inside the source model {model_path}; choose another")
+    if model_dir.exists() and (
+        _is_within(output_dir.resolve(), model_dir.resolve())
+        or _is_within(model_dir.resolve(), output_dir.resolve())
+    ):
+        raise UserError(
+            f"output.dir {output_dir} and the source model {model_path} overlap; "
+            "the source is never modified, choose another output.dir"
+        )
     if not output_dir.exists():
         return
     if not output_dir.is_dir():

@@ -22,7 +22,7 @@ from pruning.context import PipelineContext
 from pruning.errors import UserError
 from pruning.hooks import Event, HookRunner
 from pruning.jsonio import write_json_atomic
-from pruning.loading import load_model_and_tokenizer, resolve_model_path
+from pruning.loading import load_model_and_tokenizer, pick_device, resolve_model_path
 from pruning.outputs import CHECKPOINT_SUBDIR, PLAN_FILE, RUN_RECORD, check_output_dir, clear_previous_run
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def prepare(config: PipelineConfig) -> tuple[PipelineContext, HookRunner]:
     """Every check that needs no weights: model path, output dir, hooks. Nothing is written."""
     model_path = resolve_model_path(config.model)
     check_calibration_source(config)
+    pick_device(config.model.device)  # a missing GPU fails now, not after the weights are read
     output_dir = Path(config.output.dir)
     check_output_dir(output_dir, config.output.overwrite, model_path)
     hooks = HookRunner.from_config(config.hooks)

@@ -208,8 +208,46 @@ def test_output_dir_inside_the_source_model_is_refused(tmp_path: Path, tiny_dir:
     before = tree_digest(tiny_dir)
     config = write_config(tmp_path / "inside.yaml", tiny_dir, tiny_dir / "pruned")
     assert run(config) == 2
-    assert "is inside the source model" in capsys.readouterr().err
+    assert "overlap; the source is never modified" in capsys.readouterr().err
     assert tree_digest(tiny_dir) == before and not (tiny_dir / "pruned").exists()
+
+
+def test_source_model_inside_the_output_dir_is_refused(tmp_path: Path, tiny_dir: Path, capsys):
+    """overwrite: true clears a previous run's models/; a source model living there must not go with it."""
+    import shutil
+
+    out = tmp_path / "work"
+    shutil.copytree(tiny_dir, out / "models")
+    before = tree_digest(out)
+    config = write_config(tmp_path / "outer.yaml", out / "models", out, output={"overwrite": True})
+    assert run(config) == 2
+    assert "overlap" in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+
+def test_pickled_weights_are_never_loaded(tmp_path: Path, tiny_dir: Path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, model_dir)
+    weights = model_dir / "model.safetensors"
+    torch.save(load_file(weights), model_dir / "pytorch_model.bin")
+    weights.unlink()
+    config = write_config(tmp_path / "pickled.yaml", model_dir, tmp_path / "out")
+    assert run(config) == 2
+    err = capsys.readouterr().err
+    assert "pickled .bin weights are not loaded" in err and not (tmp_path / "out").exists()
+
+
+def test_output_dir_flag_is_a_plain_string(tmp_path: Path, tiny_dir: Path, monkeypatch):
+    """--output-dir is not parsed as YAML: a date-like name stays a directory name."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "date.yaml", tiny_dir, tmp_path / "ignored")
+    assert run(config, "--output-dir", "2024-05-01") == 0
+    assert (tmp_path / "2024-05-01" / "run.json").is_file()
 
 
 def test_protected_layers_are_untouched(tmp_path: Path, tiny_dir: Path):

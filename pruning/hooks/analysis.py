@@ -20,13 +20,16 @@ _PROVENANCE = ("source", "model_name")
 class AnalysisHook(Hook):
     """Snapshots the original model's analysis (counts, a few KB; never weights) and reports the change.
 
-    Params: ``lang`` (``en`` or ``zh``), ``verbose`` (per-layer lines in the log), ``subdir``.
+    Params: ``lang`` (``en`` or ``zh``), ``verbose`` (per-layer lines in the log). Reports go to
+    ``<output dir>/analysis/``, a name the overwrite check knows as a run's own.
     """
 
-    def __init__(self, lang: str = "en", verbose: bool = True, subdir: str = "analysis") -> None:
+    subdir = "analysis"
+
+    def __init__(self, lang: str = "en", verbose: bool = True) -> None:
         if lang not in LABELS:
             raise ValueError(f"lang must be one of {sorted(LABELS)}, got {lang!r}")
-        self.lang, self.verbose, self.subdir = lang, bool(verbose), subdir
+        self.lang, self.verbose = lang, bool(verbose)
         self.original: dict[str, Any] | None = None
         self.pruned: dict[str, Any] | None = None
 
