@@ -16,7 +16,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "configs"
 GOLDEN = FIXTURES / "golden"
 REPO = Path(__file__).parent.parent
-WIKITEXT = REPO / "data" / "wikitext-2-raw"
 
 
 def config_dir(name: str) -> Path:
