@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 _TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text", ".tokens")
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     return (
         source.startswith(("/", "./", "../", "~"))
         or source.lower().endswith(_TEXT_SUFFIXES)
@@ -70,7 +70,7 @@ def source_text(source: str) -> str:
     """The text of a calibration source: an existing file, else a ``datasets`` name."""
     if Path(source).expanduser().is_file():
         return read_text_file(source, "calibration file")
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise UserError(f"calibration file not found: {source}")
     return _load_dataset_text(source)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pruning.analysis import ModelAnalyzer
 from pruning.context import PipelineContext
 from pruning.errors import UserError
+from pruning.importance import CRITERIA
 from pruning.outputs import CHECKPOINT_SUBDIR
 from pruning.pipeline import STAGES
 
@@ -38,8 +39,8 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"  stages:      {' -> '.join(STAGES)}; events before_prune, after_prune, after_save",
         f"  calibration: {cal.num_samples} windows x {cal.seq_len} tokens = {tokens:,} tokens "
         f"from {cal.source} (seed {cal.seed}, batch {cal.batch_size})"
-        if prn.importance != "magnitude"
-        else "  calibration: none (magnitude needs no data)",
+        if CRITERIA[prn.importance].needs_data
+        else f"  calibration: none ({prn.importance} needs no data)",
         f"  importance:  {prn.importance}; ranked globally across all layers",
         f"  target:      remove {prn.ratio:.2%} of {prn.ratio_of} parameters = {remove:,} "
         f"(decoder layers hold {layers:,}); about {total - remove:,} parameters remain",

@@ -58,6 +58,7 @@ class StructureScores:
 
 class ImportanceCriterion(Protocol):
     name: ClassVar[str]
+    needs_data: ClassVar[bool]  # False: scores from weights alone, no calibration windows, no batch_size
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores: ...
 
@@ -148,9 +149,12 @@ class InputNormCollector:
         self.rows: dict[tuple[int, str], int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def attach(self, layer_idx: int, layer: nn.Module) -> None:
-        """Watch the layer's Linears, and the layer's own input (the residual stream, key "residual")."""
+    def attach(self, layer_idx: int, layer: nn.Module, names: frozenset[str] | None = None) -> None:
+        """Watch the layer's Linears (only ``names`` when given), and the layer's own input (the
+        residual stream, key "residual")."""
         for name, linear in layer_linears(layer).items():
+            if names is not None and name not in names:
+                continue
             hook = self._make_hook((layer_idx, name))
             self._handles.append(linear.register_forward_pre_hook(hook, with_kwargs=True))
         hook = self._make_hook((layer_idx, RESIDUAL))
@@ -208,6 +212,7 @@ class ActivationCriterion:
     """
 
     name: ClassVar[str] = "activation"
+    needs_data: ClassVar[bool] = True
     batch_size: int = 1
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
@@ -216,7 +221,7 @@ class ActivationCriterion:
         model.eval()
         try:
             for idx, layer in enumerate(decoder_layers(model)):
-                collector.attach(idx, layer)
+                collector.attach(idx, layer, names=COLUMN_PROJS)  # the only inputs the score reads
             with torch.no_grad():
                 for batch in _batches(windows, self.batch_size, "activation statistics"):
                     model(input_ids=batch.to(device), use_cache=False)
@@ -244,6 +249,7 @@ class TaylorCriterion:
     """
 
     name: ClassVar[str] = "taylor"
+    needs_data: ClassVar[bool] = True
     batch_size: int = 1
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
@@ -291,6 +297,7 @@ class MagnitudeCriterion:
     """sum |W| over a structure's weights. Needs no data; a baseline, useless on its own (DESIGN.md)."""
 
     name: ClassVar[str] = "magnitude"
+    needs_data: ClassVar[bool] = False
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None = None) -> StructureScores:
         def importance(layer_idx: int, name: str, linear: nn.Linear) -> Importance:

