@@ -25,17 +25,28 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from pruning.analysis.sources import PICKLE_SUFFIXES
 from pruning.architectures import check_supported, decoder_layers, head_dim_of
 from pruning.errors import UserError
+from pruning.fsutil import current_umask
+from pruning.jsonio import read_json_object
 from pruning.modules import ZeroAttention, ZeroMLP
 from pruning.surgery import LAYOUT_VERSION, pruned_layout
+from pruning.weight_files import (
+    PICKLE_SUFFIXES,
+    WeightFiles,
+    find_weight_files,
+    stored_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
 LAYOUT_KEY = "pruning_layout"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+}
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -47,7 +58,9 @@ def save_pruned_model(
     """Write weights (safetensors), config with ``pruning_layout``, generation config and tokenizer.
 
     Everything goes to a hidden sibling directory that is renamed to ``out_dir`` only when complete, so
-    an interrupted run never leaves a directory that looks like a finished checkpoint.
+    an interrupted run never leaves a directory that looks like a finished checkpoint. Before the rename
+    the files are read back and checked against the model in memory (``verify_saved``): the writer owns
+    that check, so it holds whatever hooks are configured.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -66,14 +79,53 @@ def save_pruned_model(
         stray = [p.name for p in tmp.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if stray:
             raise RuntimeError(f"refusing to publish a checkpoint with pickled files: {stray}")
+        verify_saved(model, tmp)
+        _apply_umask(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above); rename needs the name free
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved pruned model to %s", out)
+    logger.debug("saved pruned model to %s", out)
     return out
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give every file the mode a plain ``open`` gives (safetensors writes 0600 whatever the umask)."""
+    mode = 0o666 & ~current_umask()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def verify_saved(model: nn.Module, directory: Path) -> None:
+    """The files in ``directory`` hold exactly the model's tensors (names, shapes, dtypes) and its layout.
+
+    Read from the headers the way a loader reads them, so a writer bug (a tensor dropped or reshaped, a
+    layout out of step with the weights) fails the save instead of reaching a user. Raises RuntimeError:
+    a mismatch here is this package's bug, not the user's input.
+    """
+    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+    expected = {name: t for name, t in model.state_dict().items() if name not in tied}
+    stored = stored_tensors(find_weight_files(directory))
+    problems = [f"{name} not saved" for name in sorted(set(expected) - set(stored))]
+    problems += [f"{name} saved but not in the model" for name in sorted(set(stored) - set(expected))]
+    for name in sorted(set(expected) & set(stored)):
+        tensor, info = expected[name], stored[name]
+        if (
+            tuple(tensor.shape) != info.shape
+            or _SAFETENSORS_DTYPES.get(tensor.dtype, info.dtype) != info.dtype
+        ):
+            problems.append(
+                f"{name}: {info.dtype}{list(info.shape)} on disk, {tensor.dtype}{list(tensor.shape)}"
+            )
+    saved_layout = json.loads((directory / "config.json").read_text()).get(LAYOUT_KEY)
+    if saved_layout != pruned_layout(model):
+        problems.append(f"config.json {LAYOUT_KEY} differs from the model's shapes")
+    if problems:
+        raise RuntimeError(f"saved checkpoint differs from the model in memory: {problems[:5]}")
+    logger.info("saved %d tensors and the layout, checked against the model in memory", len(stored))
 
 
 # ---------------------------------------------------------------------------------------------- skeleton
@@ -202,36 +254,26 @@ def _load_pickle(path: Path, dtype: torch.dtype | None, device: str | torch.devi
     return model.eval()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / SAFE_INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UserError(f"{index}: no 'weight_map' object")
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    if (directory / SAFE_WEIGHTS).is_file():
-        return [directory / SAFE_WEIGHTS]
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    hint = f"; pickled weights {pickles} are not loaded (convert them to safetensors)" if pickles else ""
-    raise UserError(f"{directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}{hint}")
+def _check_shapes(path: Path, model: nn.Module, files: WeightFiles) -> None:
+    """Every stored tensor the skeleton expects has the skeleton's shape (read from headers, no data)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    for name, info in stored_tensors(files).items():
+        if name in expected and expected[name] != info.shape:
+            raise UserError(
+                f"{path}: {name} is stored as {list(info.shape)} but config.json (and its {LAYOUT_KEY}) "
+                f"needs {list(expected[name])}; the layout disagrees with the weights"
+            )
 
 
 def _read_state(
-    files: list[Path], dtype: torch.dtype | None, device: str | torch.device
+    files: WeightFiles, dtype: torch.dtype | None, device: str | torch.device
 ) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        for key, tensor in load_file(file, device=str(device)).items():
+    parts = [load_file(file, device=str(device)) for file in files.safetensors]
+    # Pickled shards reach here only when the caller trusted them; torch's weights-only unpickler still.
+    parts += [torch.load(file, map_location=device, weights_only=True) for file in files.pickles]
+    for part in parts:
+        for key, tensor in part.items():
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             state[key] = tensor
@@ -248,9 +290,10 @@ def load_pruned_model(
 ) -> nn.Module:
     """Load a checkpoint written by ``save_pruned_model`` (or any stock safetensors one), in eval mode.
 
-    Strict: every parameter must come from the files (tied ones excepted) and no stored tensor may go
-    unused. ``dtype`` None keeps the stored dtype. A pickled whole-model file is refused unless
-    ``trust_pickle=True``.
+    Strict: every parameter must come from the files (tied ones excepted), with the shape the layout
+    gives it, and no stored tensor may go unused; every shard the index names must be there and whole.
+    ``dtype`` None keeps the stored dtype. Pickles (a whole-model file, ``.bin`` shards, an index that
+    points at them) are refused unless ``trust_pickle=True``.
     """
     path = Path(path)
     if not path.exists():
@@ -262,9 +305,13 @@ def load_pruned_model(
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path} has no config.json")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
+    files = find_weight_files(path, trust_pickle=trust_pickle)
+    if not files.safetensors and not files.pickles:
+        raise UserError(f"{path} holds no weights (no model.safetensors, index or shards)")
     model = build_pruned_skeleton(config, attn_implementation=attn_implementation)
-    state = _read_state(_weight_files(path), dtype, device)
+    _check_shapes(path, model, files)
+    state = _read_state(files, dtype, device)
 
     tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
     result = model.load_state_dict(state, strict=False, assign=True)

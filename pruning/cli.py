@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from pruning.cli_support import run_cli, setup_logging
 from pruning.config import load_config
+from pruning.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,15 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise UserError("--output-dir: must not be empty")
     config = load_config(args.config, args.overrides)
-    if args.output_dir:  # a plain string, not YAML: "2024-05-01" or "a #1" stay as typed
+    if args.output_dir is not None:  # a plain string, not YAML: "2024-05-01" or "a #1" stay as typed
         config = replace(config, output=replace(config.output, dir=args.output_dir))
     from pruning.pipeline import prepare, run_pipeline
 
     if args.dry_run:
         from pruning.dry_run import describe_run
 
-        context, hooks = prepare(config)
+        context, hooks = prepare(config, dry_run=True)
         print(describe_run(context, [h.name for h in hooks.hooks]))
         return 0
     run_pipeline(config)

@@ -6,6 +6,7 @@ typo fails in milliseconds with one line naming the key path and the rule it bro
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,11 +27,38 @@ _STRICT_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
 _ConfigValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_STRICT_TYPES)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML silently keeps the last)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: SafeLoader reports it below
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"duplicate key {key!r} (a key may appear once per section)",
+                key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str
     dtype: str = "float32"
     device: str = "cpu"
+    trust_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +130,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read config file ({e})") from e
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except RecursionError as e:
+        raise UserError(f"{path}: not valid YAML: nested too deeply") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -117,7 +147,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key.strip():
         raise UserError(f"--set {override!r}: expected key.path=value")
     try:
-        parsed = yaml.safe_load(value)
+        parsed = yaml.load(value, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise UserError(f"--set {override!r}: value is not valid YAML") from e
     node = raw
@@ -144,6 +174,20 @@ def validate_config(raw: Any, source: str = "config") -> None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(raw))
     if error is not None:
         raise UserError(f"{source}: {dotted(error.absolute_path)}: {error.message}")
+    nan_at = _find_nan(raw, [])
+    if nan_at is not None:  # NaN compares false with every bound, so the schema's minimum lets it through
+        raise UserError(f"{source}: {dotted(nan_at)}: nan is not a number")
+
+
+def _find_nan(value: Any, path: list[Any]) -> list[Any] | None:
+    if isinstance(value, float) and math.isnan(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found = _find_nan(child, [*path, key])
+        if found is not None:
+            return found
+    return None
 
 
 def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:

@@ -16,10 +16,15 @@ class PipelineContext:
 
     ``model`` is untouched at ``before_prune``, pruned in memory at ``after_prune`` (``plan`` set), and
     saved at ``after_save`` (``checkpoint_dir`` set). ``timings`` maps stage name to seconds.
+
+    ``output_dir`` is where the run writes *now*: during the run a private staging directory, whose whole
+    content (hooks' files included) appears in ``published_dir`` (``output.dir``) only when the run is
+    complete. Hooks write under ``output_dir`` and report ``published_dir`` to users.
     """
 
     config: PipelineConfig
     output_dir: Path
+    published_dir: Path | None = None
     model: Any = None
     tokenizer: Any = None
     model_path: str = ""

@@ -1,4 +1,4 @@
-"""``--dry-run``: validate everything and show what would run, reading config.json only (no weights)."""
+"""``--dry-run``: show what would run, after every check ``prepare`` makes (config.json and headers only)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,6 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         raise UserError(f"model.path: --dry-run needs a local config.json; {config_file} does not exist")
     analysis = ModelAnalyzer(config_file, Path(context.model_path).name).analyze()
     cal, prn = config.calibration, config.pruning
-    bad_layers = [i for i in prn.protected_layers if i >= analysis["layer_summary"]["num_layers"]]
-    if bad_layers:
-        raise UserError(
-            f"pruning.protected_layers: {bad_layers} out of range for {len(analysis['layers'])} layers"
-        )
     total = analysis["total_params"]
     layers = analysis["layer_summary"]["total_layer_params"]
     base = total if prn.ratio_of == "total" else layers
@@ -49,8 +44,4 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"  output:      {context.output_dir} (checkpoint in {CHECKPOINT_SUBDIR}/, run.json, plan.json)",
         f"  hooks:       {', '.join(hook_names) or 'none'}",
     ]
-    if remove > layers:
-        raise UserError(
-            f"pruning.ratio: removing {remove:,} parameters needs more than the layers' {layers:,}"
-        )
     return "\n".join(lines)

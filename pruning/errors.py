@@ -11,3 +11,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that clean-up (staging directory, lock) runs as for Ctrl-C."""
+
+    exit_code = 143

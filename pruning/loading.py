@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pruning.analysis.shape_rules import shapes_from_config
 from pruning.config import ModelConfig
 from pruning.errors import UserError
 from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
+from pruning.weight_files import find_weight_files, stored_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,47 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     )
 
 
+def check_source_weights(
+    model_path: str, config: dict[str, Any], trust_pickle: bool, *, require: bool = True
+) -> None:
+    """The source's weight files, read from their headers only, are complete and have the config's shapes.
+
+    transformers would re-initialise a missing or mis-shaped tensor at random (with a warning in a long
+    log) and ``torch.load`` any ``.bin`` an index names, so both are checked here, before loading.
+    ``require=False`` (``--dry-run`` on a directory holding only config.json) accepts no weights at all.
+    """
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return  # a hub id: the download is restricted to safetensors (see load_model_and_tokenizer)
+    try:
+        files = find_weight_files(directory, trust_pickle=trust_pickle)
+    except UserError as e:
+        raise UserError(f"model.path: {e}") from e
+    if not files.safetensors and not files.pickles:
+        if not require:
+            return
+        raise UserError(f"model.path: {directory} holds no weights (no model.safetensors, index or shards)")
+    if files.pickles:
+        return  # trusted pickles: shapes are checked by transformers when it loads them
+    try:
+        stored = stored_tensors(files)
+    except UserError as e:
+        raise UserError(f"model.path: {e}") from e
+    expected = shapes_from_config(config)
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(
+            f"model.path: {directory}: the weights lack {missing[0]}{more}, which config.json needs"
+        )
+    for name, shape in expected.items():
+        if stored[name].shape != shape:
+            raise UserError(
+                f"model.path: {directory}: {name} is stored as {list(stored[name].shape)}, config.json "
+                f"needs {list(shape)}"
+            )
+
+
 def pick_device(name: str) -> str:
     import torch
 
@@ -38,13 +81,36 @@ def pick_device(name: str) -> str:
     return name
 
 
+# What a hub download may bring: configs, tokenizer files and safetensors, never a pickle.
+HUB_SAFE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
+
+
+def hub_snapshot(hub_id: str, trust_pickle: bool) -> str:
+    """Download a hub model to the local cache and return its directory, so it is checked like a local one.
+
+    Without ``trust_pickle`` only configs, tokenizer files and safetensors are fetched: an index that
+    names ``.bin`` files then fails the local check instead of being unpickled by transformers.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = None if trust_pickle else list(HUB_SAFE_PATTERNS)
+    try:
+        return snapshot_download(hub_id, allow_patterns=patterns)
+    except Exception as e:  # the hub client raises many types; all mean "cannot get this model"
+        raise UserError(f"model.path: cannot download {hub_id!r}: {str(e).splitlines()[0]}") from e
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     """``from_pretrained`` in the configured dtype on the configured device, in eval mode."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from pruning.architectures import check_supported
+    from pruning.preflight import read_model_config
 
+    if not Path(path).exists() and looks_like_hub_id(path):
+        path = hub_snapshot(path, cfg.trust_pickle)
+        check_source_weights(path, read_model_config(path), cfg.trust_pickle)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -58,9 +124,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from e
     try:
-        # safetensors only: never unpickle a pytorch_model.bin without the user's consent
+        # safetensors only, unless the user trusts pickles: never unpickle a .bin without consent
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, cfg.dtype), use_safetensors=True
+            path, dtype=getattr(torch, cfg.dtype), use_safetensors=None if cfg.trust_pickle else True
         )
     except OSError as e:
         raise UserError(

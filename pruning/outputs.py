@@ -1,62 +1,295 @@
-"""Where a run writes, and the checks that keep it from clobbering anything it should not."""
+"""Where a run writes, and how it becomes visible without ever losing anything.
+
+A run never writes into ``output.dir`` itself. It holds an exclusive lock on it (``pruning.locking``),
+writes everything (checkpoint, reports, plan, run record) into a staging directory beside it
+(``.<name>.staging-<pid>-<id>``) and, only when all of it is complete, publishes by renames: into a new or
+empty directory with one rename, over a previous run with one atomic swap (Linux ``renameat2``; two
+renames elsewhere, recovered by the next run if interrupted between them). Until that moment the
+previous run is untouched, byte for byte, whatever fails: a hook, a full disk, SIGKILL, Ctrl-C.
+
+What a previous run may be replaced is decided by its manifest: ``run.json`` lists every file the run
+wrote with its size. ``overwrite: true`` removes exactly those files (and directories they leave
+empty), never a directory wholesale, and refuses if anything else is there or a listed file changed.
+Leftover staging directories of killed runs are named as such and removed by the next run.
+See docs/reliability.md.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import stat
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from pruning.errors import UserError
+from pruning.fsutil import exchange, remove_listed, remove_tree
+from pruning.locking import OutputLock
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "models"
+ANALYSIS_SUBDIR = "analysis"
 RUN_RECORD = "run.json"
 PLAN_FILE = "plan.json"
-# What a previous run leaves; only a directory holding nothing else may be cleared by overwrite: true.
-_RUN_ARTIFACTS = {CHECKPOINT_SUBDIR, "analysis", RUN_RECORD, PLAN_FILE}
+MANIFEST_KEY = "files"
+_STAGING, _PREVIOUS = "staging", "previous"
 
 
-def check_output_dir(output_dir: Path, overwrite: bool, model_path: str) -> None:
-    """Refuse a non-empty output dir (unless overwrite) and any output inside the source model."""
-    model_dir = Path(model_path)
-    if model_dir.exists() and (
-        _is_within(output_dir.resolve(), model_dir.resolve())
-        or _is_within(model_dir.resolve(), output_dir.resolve())
-    ):
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    prefix = f".{target.name}.{kind}-"
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def resolve_target(output_dir: str) -> Path:
+    """``output.dir`` as a path; a symlink to a directory is followed once, so the link itself stays."""
+    if not output_dir.strip():
+        raise UserError("output.dir: must not be empty")
+    target = Path(output_dir)
+    if target.is_symlink():
+        if not target.exists():
+            raise UserError(f"output.dir {target} is a symlink to nothing ({os.readlink(target)})")
+        target = Path(os.path.realpath(target))
+    return target
+
+
+def read_manifest(target: Path) -> dict[str, int] | None:
+    """The files (relative path -> size) that the run in ``target`` wrote, from its run.json; None if
+    there is no run.json. A run.json that is not a valid run record (hand-edited, an older version, not
+    this tool) cannot vouch for anything: it is refused, and the user clears the directory."""
+    from pruning import reports
+
+    record_file = target / RUN_RECORD
+    if not record_file.is_file() or record_file.is_symlink():
+        return None
+    try:
+        record = reports.load(record_file)
+    except (UserError, reports.ReportValidationError) as e:
         raise UserError(
-            f"output.dir {output_dir} and the source model {model_path} overlap; "
-            "the source is never modified, choose another output.dir"
-        )
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise UserError(f"output.dir {output_dir} exists and is not a directory")
-    entries = {p.name for p in output_dir.iterdir()}
-    if not entries:
-        return
+            f"output.dir {target}: {RUN_RECORD} is not a valid run record, so it cannot say which files its "
+            f"run wrote ({e}); refusing to overwrite: remove them yourself or choose another output.dir"
+        ) from e
+    if record["report_type"] != "run_record":
+        raise UserError(f"output.dir {target}: {RUN_RECORD} is a {record['report_type']}, not a run record")
+    return record[MANIFEST_KEY]
+
+
+def _strangers(target: Path, manifest: dict[str, int]) -> list[str]:
+    """Everything in ``target`` a manifest does not vouch for: unlisted, changed, a symlink, an odd dir."""
+    listed_dirs = {str(Path(rel).parent) for rel in manifest} | {"."}
+    for rel in list(listed_dirs):
+        listed_dirs.update(str(p) for p in Path(rel).parents)
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(target, followlinks=False):
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            path = base / name
+            rel = str(path.relative_to(target))
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode):
+                if rel not in listed_dirs:
+                    found.append(f"{rel}/ (not written by a pruning run)")
+            elif stat.S_ISLNK(info.st_mode):
+                found.append(f"{rel} (a symlink)")
+            elif rel == RUN_RECORD:
+                continue
+            elif rel not in manifest:
+                found.append(f"{rel} (not written by a pruning run)")
+            elif not stat.S_ISREG(info.st_mode) or info.st_size != manifest[rel]:
+                found.append(f"{rel} (changed since the run wrote it)")
+    return found
+
+
+def check_output_dir(target: Path, overwrite: bool, model_path: str) -> dict[str, int] | None:
+    """Refuse what a run must not write over; return the previous run's manifest (None if empty or new).
+
+    Reads only. Refused: an output that overlaps the source model; a non-empty directory without
+    ``overwrite``; with it, anything in the directory that the previous run's manifest does not list.
+    """
+    model_dir = Path(model_path)
+    if model_dir.exists():
+        out_real, model_real = Path(os.path.realpath(target)), Path(os.path.realpath(model_dir))
+        if _is_within(out_real, model_real) or _is_within(model_real, out_real):
+            raise UserError(
+                f"output.dir {target} and the source model {model_path} overlap; "
+                "the source is never modified, choose another output.dir"
+            )
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        raise UserError(f"output.dir {target} exists and is not a directory")
+    if not any(target.iterdir()):
+        return None
     if not overwrite:
         raise UserError(
-            f"output.dir {output_dir} exists and is not empty; set output.overwrite: true "
+            f"output.dir {target} exists and is not empty; set output.overwrite: true "
             "(or --set output.overwrite=true) or choose another directory"
         )
-    strangers = sorted(e for e in entries if e not in _RUN_ARTIFACTS and not _is_leftover(e))
-    if strangers:
+    manifest = read_manifest(target)
+    if manifest is None:
+        names = sorted(p.name for p in target.iterdir())
         raise UserError(
-            f"output.dir {output_dir} holds files that are not from a pruning run "
-            f"({', '.join(strangers[:5])}); refusing to overwrite it"
+            f"output.dir {target} holds files that are not from a pruning run ({', '.join(names[:5])}); "
+            "refusing to overwrite it"
         )
+    strangers = _strangers(target, manifest)
+    if strangers:
+        more = f" and {len(strangers) - 3} more" if len(strangers) > 3 else ""
+        raise UserError(
+            f"output.dir {target} holds {', '.join(strangers[:3])}{more}; overwrite replaces only what a "
+            "previous run wrote, so it refuses: move that away or choose another output.dir"
+        )
+    return manifest
 
 
-def clear_previous_run(output_dir: Path) -> None:
-    """Remove a previous run's outputs and its temporary leftovers, and nothing else."""
-    if output_dir.is_dir():
-        for entry in output_dir.iterdir():
-            if entry.name in _RUN_ARTIFACTS or _is_leftover(entry.name):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def _is_leftover(name: str) -> bool:
-    """Temporary names our atomic writers use (``.models.partial-xxxx``, ``.run.json.xxxx.tmp``)."""
-    return name.startswith(".") and (".partial-" in name or name.endswith(".tmp"))
+def check_writable(target: Path, needed_bytes: int | None = None) -> None:
+    """The directory that will hold the staging copy is writable and has room for the estimate."""
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"output.dir {target}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output.dir {target}: {existing} is not writable")
+    if needed_bytes is None:
+        return
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise UserError(
+            f"output.dir {target}: {existing} has {free / 2**30:.2f} GiB free, the run needs about "
+            f"{needed_bytes / 2**30:.2f} GiB (the previous run, if any, stays until the new one is complete)"
+        )
 
 
 def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
+
+
+def build_manifest(directory: Path) -> dict[str, int]:
+    """Every regular file under ``directory`` (relative path -> size), except the run record itself."""
+    files: dict[str, int] = {}
+    for dirpath, _dirnames, filenames in os.walk(directory, followlinks=False):
+        for name in filenames:
+            path = Path(dirpath) / name
+            info = os.lstat(path)
+            rel = str(path.relative_to(directory))
+            if stat.S_ISREG(info.st_mode) and rel != RUN_RECORD:
+                files[rel] = info.st_size
+    return dict(sorted(files.items()))
+
+
+# ---------------------------------------------------------------------------------------------- staging
+
+
+@dataclass
+class StagedRun:
+    """``with StagedRun(target, overwrite, model_path) as run:`` write into ``run.staging``, then
+    ``run.publish()``. Leaving the block without publishing removes the staging directory; the target is
+    never touched before ``publish``."""
+
+    target: Path
+    overwrite: bool
+    model_path: str
+    staging: Path = field(init=False)
+    published: bool = field(default=False, init=False)
+    _lock: OutputLock | None = field(default=None, init=False)
+    _created: list[Path] = field(default_factory=list, init=False)
+
+    def __enter__(self) -> StagedRun:
+        self._make_parents()
+        self._lock = OutputLock(self.target)
+        try:
+            self._lock.acquire()
+            self._recover()
+            check_output_dir(self.target, self.overwrite, self.model_path)  # again, now under the lock
+            self.staging = _sibling(self.target, _STAGING)
+            self.staging.mkdir()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close()
+
+    def publish(self) -> None:
+        """Make the staged run the target's content: renames only, after one last check of the target."""
+        manifest = check_output_dir(self.target, self.overwrite, self.model_path)
+        if manifest is None:  # new or empty: rename replaces an empty directory atomically
+            os.rename(self.staging, self.target)
+            self.published = True
+            return
+        if exchange(self.staging, self.target):
+            old = self.staging  # the swap left the previous run under the staging name
+        else:
+            old = _sibling(self.target, _PREVIOUS)
+            os.rename(self.target, old)
+            os.rename(self.staging, self.target)  # a crash between the two renames: see _recover
+        self.published = True
+        _remove_previous(old, manifest)
+
+    def _make_parents(self) -> None:
+        missing = []
+        parent = self.target.parent
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        for path in reversed(missing):
+            path.mkdir()
+            self._created.append(path)
+
+    def _recover(self) -> None:
+        """Finish what a killed run left beside the target (we hold the lock, so nobody else is running)."""
+        for previous in _siblings(self.target, _PREVIOUS):
+            if not self.target.exists() and not previous.is_symlink():
+                os.rename(previous, self.target)
+                logger.warning("restored %s from an interrupted publish (%s)", self.target, previous.name)
+            elif read_manifest(self.target) is not None:  # replaced by a published run: finish removing it
+                try:
+                    _remove_previous(previous, read_manifest(previous) or {})
+                except UserError as e:
+                    logger.warning("left %s alone: %s", previous, e)
+            else:
+                logger.warning("left %s alone: %s does not hold a published run", previous, self.target)
+        for staging in _siblings(self.target, _STAGING):
+            remove_tree(staging)
+            logger.warning("removed %s, the staging directory of a run that did not finish", staging.name)
+
+    def _close(self) -> None:
+        try:
+            staging = getattr(self, "staging", None)
+            if not self.published and staging is not None and staging.exists():
+                remove_tree(staging)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            if not self.published:
+                for path in reversed(self._created):
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        break  # something else was put there meanwhile; it stays
+
+
+def _remove_previous(old: Path, manifest: dict[str, int]) -> None:
+    """Delete the files a previous run listed (and its run.json); anything else stays, and is named."""
+    left = remove_listed(old, [*manifest, RUN_RECORD])
+    if left:
+        logger.warning(
+            "kept %s: it holds %s, which the previous run did not write", old, ", ".join(map(str, left[:3]))
+        )

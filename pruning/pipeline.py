@@ -1,29 +1,46 @@
 """load -> calibrate -> score -> plan -> prune -> save, emitting lifecycle events to the hooks.
 
-Each stage is a small function; ``run_pipeline`` only sequences them, times them and fires events.
+``prepare`` does every check that needs no weights; ``run_pipeline`` sequences the stages inside a
+``StagedRun`` (locked output directory, private staging copy, published by renames only when the run
+is complete: see ``pruning.outputs``), times them and fires events.
 Data flows one way: config -> pipeline -> (model, plan) -> hooks.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import platform
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
+from pruning import reports
 from pruning.config import PipelineConfig
 from pruning.context import PipelineContext
 from pruning.errors import UserError
+from pruning.fsutil import DISK_ERRNOS, disk_errno
 from pruning.hooks import Event, HookRunner
-from pruning.jsonio import write_json_atomic
-from pruning.loading import load_model_and_tokenizer, pick_device, resolve_model_path
-from pruning.outputs import CHECKPOINT_SUBDIR, PLAN_FILE, RUN_RECORD, check_output_dir, clear_previous_run
+from pruning.loading import check_source_weights, load_model_and_tokenizer, pick_device, resolve_model_path
+from pruning.outputs import (
+    CHECKPOINT_SUBDIR,
+    PLAN_FILE,
+    RUN_RECORD,
+    StagedRun,
+    build_manifest,
+    check_output_dir,
+    check_writable,
+    resolve_target,
+)
+from pruning.preflight import (
+    check_file_size_limit,
+    check_run,
+    estimate_output_bytes,
+    model_facts,
+    read_model_config,
+)
+from pruning.run_record import build_run_record, log_summary
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +58,27 @@ def stage(context: PipelineContext, name: str, heading: str) -> Iterator[None]:
         context.timings[name] = round(time.perf_counter() - start, 3)
 
 
-def prepare(config: PipelineConfig) -> tuple[PipelineContext, HookRunner]:
-    """Every check that needs no weights: model path, output dir, hooks. Nothing is written."""
+def prepare(config: PipelineConfig, *, dry_run: bool = False) -> tuple[PipelineContext, HookRunner]:
+    """Every check that needs no weights: model config and files, run vs model, output dir, disk, hooks.
+
+    Nothing is written (a built-in model is downloaded to its cache on first use). A dry run accepts a
+    model directory that holds only config.json (to plan a run on a machine without the weights).
+    """
+    from pruning.importance import CRITERIA
+
     model_path = resolve_model_path(config.model)
+    facts = model_facts(read_model_config(model_path))
+    check_run(config, facts, CRITERIA[config.pruning.importance].needs_data)
+    check_source_weights(model_path, facts.config, config.model.trust_pickle, require=not dry_run)
     check_calibration_source(config)
     pick_device(config.model.device)  # a missing GPU fails now, not after the weights are read
-    output_dir = Path(config.output.dir)
-    check_output_dir(output_dir, config.output.overwrite, model_path)
+    target = resolve_target(config.output.dir)
+    check_output_dir(target, config.output.overwrite, model_path)
+    needed, largest_file = estimate_output_bytes(config, facts, model_path)
+    check_writable(target, needed)
+    check_file_size_limit(target, largest_file)
     hooks = HookRunner.from_config(config.hooks)
-    context = PipelineContext(config=config, output_dir=output_dir, model_path=model_path)
+    context = PipelineContext(config=config, output_dir=target, published_dir=target, model_path=model_path)
     return context, hooks
 
 
@@ -67,8 +96,39 @@ def check_calibration_source(config: PipelineConfig) -> None:
         raise UserError(f"calibration.source: file not found: {source}")
 
 
+@contextmanager
+def disk_errors_named(target: Path) -> Iterator[None]:
+    """A full disk, a size limit or a read-only directory is reported in one line, not as a traceback."""
+    try:
+        yield
+    except Exception as e:
+        code = disk_errno(e)
+        if code is None:
+            raise
+        raise UserError(
+            f"output.dir {target}: {DISK_ERRNOS[code]} ({errno.errorcode[code]}) while writing the run; "
+            f"nothing was published and {target} is as it was"
+        ) from e
+
+
 def run_pipeline(config: PipelineConfig) -> PipelineContext:
     """Run the whole job; returns the final context (model, plan, timings, checkpoint_dir)."""
+    started = datetime.now(timezone.utc)
+    context, hooks = prepare(config)
+    target = context.published_dir
+    with disk_errors_named(target), StagedRun(target, config.output.overwrite, context.model_path) as run:
+        context.output_dir = run.staging
+        run_stages(context, hooks)
+        record = build_run_record(context, started, target, build_manifest(run.staging))
+        reports.save(record, run.staging / RUN_RECORD)
+        run.publish()
+    context.output_dir, context.checkpoint_dir = target, target / CHECKPOINT_SUBDIR
+    log_summary(record, target)
+    return context
+
+
+def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
+    """The stages and their events; everything is written under ``context.output_dir``."""
     import torch
 
     from pruning.checkpoint import save_pruned_model
@@ -77,10 +137,9 @@ def run_pipeline(config: PipelineConfig) -> PipelineContext:
     from pruning.planner import plan_global
     from pruning.surgery import apply_plan
 
-    started = datetime.now(timezone.utc)
-    context, hooks = prepare(config)
-    torch.manual_seed(config.calibration.seed)
+    config = context.config
     cal, prn = config.calibration, config.pruning
+    torch.manual_seed(cal.seed)
     with stage(
         context, "load", f"Load model {config.model.path} ({config.model.dtype}, {config.model.device})"
     ):
@@ -112,102 +171,20 @@ def run_pipeline(config: PipelineConfig) -> PipelineContext:
     with stage(context, "prune", "Remove the planned structures"):
         apply_plan(context.model, context.plan)
         context.params_after, context.layer_params_after = _count(context.model)
-    clear_previous_run(context.output_dir)  # only now: a run that fails earlier leaves the old one intact
     hooks.emit(Event.AFTER_PRUNE, context)
 
-    with stage(context, "save", f"Save to {context.output_dir / CHECKPOINT_SUBDIR}"):
-        write_json_atomic(context.output_dir / PLAN_FILE, context.plan.to_dict())
+    with stage(context, "save", f"Save the checkpoint (published to {context.published_dir} when complete)"):
+        reports.save(context.plan.to_dict(), context.output_dir / PLAN_FILE)
         context.checkpoint_dir = save_pruned_model(
             context.model, context.tokenizer, context.output_dir / CHECKPOINT_SUBDIR
         )
     hooks.emit(Event.AFTER_SAVE, context)
 
-    record = run_record(context, started)
-    write_json_atomic(context.output_dir / RUN_RECORD, record)
-    log_summary(context, record)
-    return context
 
-
-def _count(model: Any) -> tuple[int, int]:
+def _count(model: object) -> tuple[int, int]:
     """(all parameters, decoder-layer parameters)."""
     from pruning.architectures import decoder_layers
 
     return sum(p.numel() for p in model.parameters()), sum(
         p.numel() for p in decoder_layers(model).parameters()
     )
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("pruning", "torch", "transformers", "torch-pruning", "safetensors", "accelerate"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
-
-
-def run_record(context: PipelineContext, started: datetime) -> dict[str, Any]:
-    """What run.json keeps: enough to reproduce the run and to check its outcome."""
-    import torch
-
-    config = context.config
-    before, after = context.params_before, context.params_after
-    layers_before, layers_after = context.layer_params_before, context.layer_params_after
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {
-        "name": config.name,
-        "config_file": config.source_file,
-        "config": config.to_dict(),
-        "model_path": context.model_path,
-        "seed": config.calibration.seed,
-        "versions": _versions(),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timings_s": dict(context.timings),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_gpu_mb": None if gpu_peak is None else round(gpu_peak, 1),
-        "params_before": before,
-        "params_after": after,
-        "params_removed": before - after,
-        "achieved_ratio": (before - after) / before if before else None,
-        "target_ratio": config.pruning.ratio,
-        "ratio_of": config.pruning.ratio_of,
-        "layer_params_before": layers_before,
-        "layer_params_after": layers_after,
-        "achieved_layer_ratio": (layers_before - layers_after) / layers_before if layers_before else None,
-        "outputs": {
-            "checkpoint": str(context.checkpoint_dir),
-            "plan": str(context.output_dir / PLAN_FILE),
-            "analysis": str(context.output_dir / "analysis")
-            if (context.output_dir / "analysis").is_dir()
-            else None,
-        },
-    }
-
-
-def log_summary(context: PipelineContext, record: dict[str, Any]) -> None:
-    before, after = record["params_before"], record["params_after"]
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items())
-    logger.info("=" * 60)
-    logger.info("Summary")
-    logger.info(
-        "  parameters: %s -> %s (removed %s = %.2f%% of all; target %.2f%% of %s)",
-        f"{before:,}",
-        f"{after:,}",
-        f"{before - after:,}",
-        100 * record["achieved_ratio"],
-        100 * record["target_ratio"],
-        record["ratio_of"],
-    )
-    logger.info("  wall time: %s; total %.1fs", timings, sum(record["timings_s"].values()))
-    gpu = f", GPU peak {record['peak_gpu_mb']:,.0f} MB" if record["peak_gpu_mb"] is not None else ""
-    logger.info("  peak memory: %s MB resident%s", f"{record['peak_rss_mb']:,.0f}", gpu)
-    logger.info("  checkpoint: %s", record["outputs"]["checkpoint"])
-    if record["outputs"]["analysis"]:
-        logger.info("  reports:    %s", record["outputs"]["analysis"])
-    logger.info("  run record: %s", context.output_dir / RUN_RECORD)

@@ -70,7 +70,10 @@ class PruningPlan:
         return self.layers[idx]
 
     def to_dict(self) -> dict[str, Any]:
+        """plan.json: valid against ``pruning/schemas/pruning_plan.schema.json``."""
         return {
+            "report_type": "pruning_plan",
+            "schema_version": 1,
             "criterion": self.criterion,
             "params_before": self.params_before,
             "params_target": self.params_target,

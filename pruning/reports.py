@@ -1,6 +1,8 @@
-"""Load and validate the JSON reports this package writes, against the schemas shipped with it.
+"""Load and validate the JSON reports this package writes: their schemas, then their sums.
 
-Every report carries ``report_type`` (which schema applies) and ``schema_version``.
+Every report carries ``report_type`` (which schema applies) and ``schema_version``. Validation is the
+schema (``pruning/schemas/``) followed by the invariants of ``pruning.report_checks``; both name the
+first failing JSON path.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from typing import Any
 
 import jsonschema
 
+from pruning.errors import UserError
 from pruning.jsonio import write_json_atomic
+from pruning.report_checks import first_failure
 
 SCHEMA_FILES: dict[str, str] = {
     "model_analysis": "model_analysis.schema.json",
     "model_comparison": "model_comparison.schema.json",
+    "pruning_plan": "pruning_plan.schema.json",
+    "run_record": "run_record.schema.json",
 }
 
 
@@ -51,18 +57,35 @@ def validate(report: Any, report_type: str | None = None, source: str = "report"
     error = jsonschema.exceptions.best_match(validator.iter_errors(report))
     if error is not None:
         raise ReportValidationError(error.json_path, error.message, source)
+    failure = first_failure(report)
+    if failure is not None:
+        raise ReportValidationError(*failure, source)
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a report from disk and validate it; the error names the file and the failing JSON path."""
+    """Read a report from disk and validate it; the error names the file and the failing JSON path.
+
+    A file that cannot be read as JSON at all (missing, a directory, unreadable, nested beyond what a
+    parser should follow) is a UserError; JSON that is not a valid report is a ReportValidationError.
+    """
     path = Path(path)
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
-        raise ReportValidationError("$", "file not found", str(path)) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: file not found") from e
+    except IsADirectoryError as e:
+        raise UserError(f"{path}: is a directory, not a JSON report") from e
+    except UnicodeDecodeError as e:
         raise ReportValidationError("$", f"not valid JSON ({e})", str(path)) from e
-    validate(report, source=str(path))
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from e
+    try:
+        report = json.loads(text)
+        validate(report, source=str(path))
+    except json.JSONDecodeError as e:
+        raise ReportValidationError("$", f"not valid JSON ({e})", str(path)) from e
+    except RecursionError as e:
+        raise UserError(f"{path}: JSON nested too deeply to be a report") from e
     return report
 
 

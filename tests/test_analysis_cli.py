@@ -143,3 +143,140 @@ def test_pickle_needs_opt_in(tmp_path: Path):
 def test_debug_shows_traceback(tmp_path: Path):
     result = run("--model_path", str(tmp_path / "missing"), "--debug")
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+# -- trust nothing on input ---------------------------------------------------------------------------
+
+
+def _sharded(tmp_path: Path) -> Path:
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    directory = tmp_path / "sharded"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(directory, max_shard_size="60KB")
+    assert len(list(directory.glob("model-*.safetensors"))) > 2
+    return directory
+
+
+def test_missing_shard_is_refused_not_reported_as_pruned(tmp_path: Path):
+    directory = _sharded(tmp_path)
+    complete = run("--model_path", str(directory))
+    assert complete.returncode == 0 and "fully pruned" not in complete.stdout
+    shard = sorted(directory.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    out = tmp_path / "o.json"
+    _assert_clean_failure(
+        run("--model_path", str(directory), "--save_json", str(out)), f"shard {shard.name} is missing", out
+    )
+
+
+def test_header_that_lies_about_a_shape_is_refused(tmp_path: Path, hand_pruned_dir: Path):
+    import struct
+
+    file = hand_pruned_dir / "model.safetensors"
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["model.norm.weight"]["shape"] = [32]  # 64 floats of bytes, 32 claimed
+    file.write_bytes(raw[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(n) + raw[8 + n :])
+    out = tmp_path / "o.json"
+    _assert_clean_failure(
+        run("--model_path", str(hand_pruned_dir), "--save_json", str(out)), "header lies about", out
+    )
+
+
+def test_index_pointing_at_a_pickle_needs_trust(tmp_path: Path, hand_pruned_dir: Path):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(hand_pruned_dir / "model.safetensors")
+    (hand_pruned_dir / "model.safetensors").unlink()
+    torch.save(state, hand_pruned_dir / "pytorch_model.bin")
+    index = {"weight_map": dict.fromkeys(state, "pytorch_model.bin")}
+    (hand_pruned_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "o.json"
+    _assert_clean_failure(
+        run("--model_path", str(hand_pruned_dir), "--save_json", str(out)), "points at pickled weights", out
+    )
+    trusted = run("--model_path", str(hand_pruned_dir), "--trust-pickle", "--lang", "en")
+    assert trusted.returncode == 0 and "Total parameters" in trusted.stdout
+
+
+def test_save_json_onto_a_directory(tmp_path: Path):
+    (tmp_path / "taken").mkdir()
+    result = run("--model_path", str(config_dir("llama-2-7b")), "--save_json", str(tmp_path / "taken"))
+    assert (
+        result.returncode == 2
+        and result.stderr.strip()
+        == f"error: {tmp_path / 'taken'}: is a directory; " + ("give a file name for the JSON")
+    )
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_save_json_into_a_read_only_directory(tmp_path: Path):
+    from tests.test_reliability import without_root_write_override
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = subprocess.run(
+        [sys.executable, "-m", "pruning.analysis", "--model_path", str(config_dir("llama-2-7b")),
+         "--save_json", str(locked / "a.json")],
+        capture_output=True, text=True, preexec_fn=without_root_write_override,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: {locked / 'a.json'}: cannot write here: permission denied"
+    assert list(locked.iterdir()) == []
+
+
+def test_validate_a_directory_or_absurd_nesting_is_exit_2(tmp_path: Path):
+    assert (
+        run("--validate", str(tmp_path)).stderr.strip()
+        == f"error: {tmp_path}: is a directory, not a JSON report"
+    )
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    result = run("--validate", str(nested))
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == f"error: {nested}: JSON nested too deeply to be a report"
+    )
+
+
+def test_validate_checks_the_sums(tmp_path: Path):
+    from pruning.analysis import ModelAnalyzer
+
+    report = ModelAnalyzer(config_dir("llama-2-7b")).analyze()
+    report["layers"][5]["mlp"]["total"] += 1  # the layer's total no longer adds up
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(report))
+    result = run("--validate", str(path))
+    assert (
+        result.returncode == 1 and "$.layers[5].total" in result.stderr and "attention + mlp" in result.stderr
+    )
+
+
+def test_closed_pipe_ends_quietly():
+    """``| head`` that has already gone: the report's first write meets a closed pipe."""
+    args = ["--model_path", str(config_dir("llama-2-7b")), "--verbose"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pruning.analysis", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader is gone before the command writes anything
+    _, err = proc.communicate(timeout=60)
+    assert err == b"" and proc.returncode == 141
+
+
+@pytest.mark.parametrize(
+    ("lang", "title"),
+    [("zh_CN.UTF-8", "模型分析"), ("en_US.UTF-8", "Model analysis"), ("C", "Model analysis")],
+)
+def test_language_follows_the_locale(lang: str, title: str):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES")} | {"LANG": lang}
+    result = subprocess.run(
+        [sys.executable, "-m", "pruning.analysis", "--model_path", str(config_dir("llama-2-7b"))],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0 and title in result.stdout

@@ -224,3 +224,61 @@ def test_reload_prune_again_and_save(tmp_path: Path) -> None:
     assert pruned_layout(again) == pruned_layout(loaded) == saved_layout
     ids = input_ids()
     torch.testing.assert_close(_logits(again, ids), _logits(loaded, ids), atol=1e-5, rtol=0)
+
+
+# -- trust nothing on load, check everything on save --------------------------------------------------
+
+
+def test_layout_that_disagrees_with_the_weights(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    config["pruning_layout"]["intermediate_size"][1] += 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        UserError, match=r"model.layers.1.mlp.\w+_proj.weight is stored as \[\d+, \d+\] but config.json"
+    ):
+        load_pruned_model(out)
+
+
+def test_missing_or_truncated_shard(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m", max_shard_size="40KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    shards[1].write_bytes(shards[1].read_bytes()[:-8])
+    with pytest.raises(UserError, match=f"{shards[1].name}: truncated safetensors file"):
+        load_pruned_model(out)
+    shards[1].unlink()
+    with pytest.raises(UserError, match=f"shard {shards[1].name} is missing"):
+        load_pruned_model(out)
+
+
+def test_index_to_pickles_needs_trust(tmp_path: Path) -> None:
+    model = _pruned("llama_gqa")
+    out = save_pruned_model(model, None, tmp_path / "m")
+    state = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    torch.save(state, out / "pytorch_model.bin")
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(state, "pytorch_model.bin")})
+    )
+    with pytest.raises(UserError, match="points at pickled weights"):
+        load_pruned_model(out)
+    trusted = load_pruned_model(out, trust_pickle=True)
+    torch.testing.assert_close(_logits(trusted, input_ids()), _logits(model, input_ids()), atol=1e-5, rtol=0)
+
+
+def test_a_writer_bug_fails_the_save_and_publishes_nothing(tmp_path: Path) -> None:
+    """The saved files are read back and compared with the model before the checkpoint is published."""
+    model = _pruned("llama_gqa")
+    original = model.save_pretrained
+
+    def drops_a_tensor(path, **kwargs):
+        original(path, **kwargs)
+        state = load_file(Path(path) / "model.safetensors")
+        del state["model.layers.1.mlp.up_proj.weight"]
+        save_file(state, Path(path) / "model.safetensors", metadata={"format": "pt"})
+
+    model.save_pretrained = drops_a_tensor
+    with pytest.raises(RuntimeError, match=r"model.layers.1.mlp.up_proj.weight not saved"):
+        save_pruned_model(model, None, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []

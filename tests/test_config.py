@@ -250,3 +250,13 @@ def test_to_dict_round_trips(tmp_path: Path, path: Path):
     assert data["hooks"] == [dataclasses.asdict(h) for h in config.hooks]
     again = load_config(write(tmp_path, data, "again.yaml"))
     assert dataclasses.replace(again, source_file=config.source_file) == config
+
+
+def test_duplicate_keys_are_refused_in_files_and_overrides(tmp_path: Path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model: {path: m}\npruning:\n  ratio: 0.2\n  ratio: 0.5\n")
+    with pytest.raises(UserError, match=r"dup.yaml: not valid YAML at line 4, column 3: duplicate key"):
+        load_config(path)
+    path.write_text("model: {path: m}\npruning: {ratio: 0.2}\n")
+    with pytest.raises(UserError, match="value is not valid YAML"):
+        load_config(path, ["pruning={ratio: 0.2, ratio: 0.3}"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from importlib.metadata import EntryPoint
@@ -15,6 +16,7 @@ from pruning.errors import UserError
 from pruning.hooks import ENTRY_POINT_GROUP, Event, Hook, HookError, HookRunner, default_registry
 from pruning.hooks import registry as registry_module
 from pruning.hooks.analysis import AnalysisHook
+from pruning.hooks.registry import instantiate
 from pruning.hooks.runner import ActiveHook
 from tests.tiny_pipeline import REPO
 
@@ -280,3 +282,76 @@ def test_from_config_keeps_order_and_on_error(isolated_imports: Path):
     )
     assert [(h.name, h.on_error) for h in runner.hooks] == [(f"{name}:Plugin", "warn"), ("analysis", "raise")]
     assert isinstance(runner.hooks[1].instance, AnalysisHook)
+
+
+class Exiting:
+    def after_prune(self, context, **kwargs):
+        sys.exit(0)
+
+
+class Interrupting:
+    def after_prune(self, context, **kwargs):
+        raise KeyboardInterrupt
+
+
+class DiskFull:
+    def after_prune(self, context, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_sys_exit_in_a_hook_is_a_failure_not_an_exit(context: PipelineContext, on_error: str, caplog):
+    runner = HookRunner([ActiveHook("quitter", on_error, Exiting())])
+    if on_error == "raise":
+        with pytest.raises(HookError, match=r"'quitter' failed at after_prune: it called sys.exit\(0\)"):
+            runner.emit(Event.AFTER_PRUNE, context)
+    else:
+        runner.emit(Event.AFTER_PRUNE, context)  # warned, and the run goes on to save
+        assert "it called sys.exit(0)" in caplog.text
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_interrupt_and_full_disk_stop_the_run_whatever_on_error(context: PipelineContext, on_error: str):
+    with pytest.raises(KeyboardInterrupt):
+        HookRunner([ActiveHook("ctrl-c", on_error, Interrupting())]).emit(Event.AFTER_PRUNE, context)
+    with pytest.raises(OSError, match="No space left"):
+        HookRunner([ActiveHook("full", on_error, DiskFull())]).emit(Event.AFTER_PRUNE, context)
+
+
+class NearMiss:
+    def before_prun(self, context, **kwargs):
+        pass
+
+
+class PrefixOnly:
+    def on_error(self, context, **kwargs):
+        pass
+
+
+class Helpers(Hook):
+    """Ordinary helper methods are fine."""
+
+    def summarise(self):
+        pass
+
+    def after_save(self, context, **kwargs):
+        pass
+
+
+def test_methods_that_look_like_events_are_refused_when_built():
+    with pytest.raises(UserError, match=r"'before_prun' looks like an event .*did you mean 'before_prune'"):
+        instantiate(NearMiss, {}, "hooks[0] x")
+    with pytest.raises(
+        UserError, match=r"'on_error' looks like an event but is not one; events are before_prune"
+    ):
+        instantiate(PrefixOnly, {}, "hooks[0] x")
+    assert isinstance(instantiate(Helpers, {}, "hooks[0] x"), Helpers)
+
+
+def test_constructor_raising_anything_is_a_user_error():
+    class Boom:
+        def __init__(self):
+            raise sys.exit(3)
+
+    with pytest.raises(UserError, match=r"hooks\[2\] b: its constructor raised SystemExit: 3"):
+        instantiate(Boom, {}, "hooks[2] b")

@@ -200,7 +200,7 @@ def test_output_dir_with_unrelated_files_is_refused(tmp_path: Path, tiny_dir: Pa
     config = write_config(tmp_path / "busy.yaml", tiny_dir, out, output={"overwrite": True})
     assert run(config) == 2
     err = capsys.readouterr().err
-    assert "not from a pruning run (notes.txt)" in err and "refusing to overwrite" in err
+    assert "run.json is not a valid run record" in err and "refusing to overwrite" in err
     assert tree_digest(out) == before
 
 
@@ -239,7 +239,8 @@ def test_pickled_weights_are_never_loaded(tmp_path: Path, tiny_dir: Path, capsys
     config = write_config(tmp_path / "pickled.yaml", model_dir, tmp_path / "out")
     assert run(config) == 2
     err = capsys.readouterr().err
-    assert "pickled .bin weights are not loaded" in err and not (tmp_path / "out").exists()
+    assert "holds only pickled weights (pytorch_model.bin)" in err and "trust_pickle" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_dir_flag_is_a_plain_string(tmp_path: Path, tiny_dir: Path, monkeypatch):

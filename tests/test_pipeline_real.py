@@ -88,5 +88,5 @@ def test_greedy_generation_same_with_and_without_cache(real_run: SimpleNamespace
 def test_comparison_is_logged(real_run: SimpleNamespace):
     log = real_run.result.stdout + real_run.result.stderr
     assert "Detailed comparison report" in log
-    assert "checkpoint on disk matches the in-memory analysis" in log
+    assert "checked against the model in memory" in log
     assert f"{real_run.record['params_after']:,}" in log

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pruning import reports
 from pruning.analysis.analyzer import ModelAnalyzer
@@ -24,11 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare_with", help="a second (pruned) model to compare against --model_path")
     parser.add_argument("--compare_name", help="name of the --compare_with model in the report")
     parser.add_argument("--verbose", action="store_true", help="show per-layer details")
-    parser.add_argument("--lang", choices=sorted(LABELS), default="en", help="report language")
+    parser.add_argument(
+        "--lang",
+        choices=sorted(LABELS),
+        default=default_lang(),
+        help="report language (default: from the locale, zh when LANG is zh_*, else en)",
+    )
     parser.add_argument(
         "--trust-pickle", action="store_true", help="allow unpickling a .bin/.pt file (runs code in it)"
     )
-    parser.add_argument("--validate", metavar="FILE", help="validate a JSON report; exit 0 if valid, else 1")
+    parser.add_argument(
+        "--validate",
+        metavar="FILE",
+        help="validate a JSON report (schema and sums); exit 0 if valid, 1 if not, 2 if not readable",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -38,10 +48,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.validate:
-        return _validate(args.validate)
+        return run_cli(lambda: _validate(args.validate), debug=args.debug)
     if not args.model_path:
         parser.error("--model_path is required (or use --validate FILE)")
     return run_cli(lambda: _analyse(args), debug=args.debug)
+
+
+def default_lang(environ: Mapping[str, str] | None = None) -> str:
+    """``zh`` when the locale is Chinese (as the original specification prints), else ``en``.
+
+    The first of LC_ALL, LC_MESSAGES, LANG that is set decides, as in POSIX.
+    """
+    environ = os.environ if environ is None else environ
+    for key in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = environ.get(key)
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
 
 
 def _validate(path: str) -> int:

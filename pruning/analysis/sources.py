@@ -1,7 +1,8 @@
 """Turn whatever the user points at into an Inventory, reading as little as possible.
 
 - a live ``PreTrainedModel``: its parameters' shapes;
-- a directory with ``*.safetensors``: shapes from the file headers (no tensor data is read);
+- a directory with ``*.safetensors`` (or its shard index): shapes from the file headers, each checked
+  against its file, every shard the index names required (no tensor data is read);
 - a directory or hub id with only ``config.json``: the model is built on the meta device;
 - a ``.gguf`` file: tensor shapes and hyper-parameters from its metadata;
 - a pickled ``.bin``/``.pt``: refused unless the caller opts in, because unpickling runs code.
@@ -9,10 +10,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,11 +20,15 @@ from typing import Any
 from pruning.analysis import shape_rules
 from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
 from pruning.errors import UserError
+from pruning.jsonio import read_json_object
 from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
-
-# Suffixes of files that torch.load would unpickle; shared with pruning.checkpoint.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+from pruning.weight_files import (
+    PICKLE_SUFFIXES,
+    SAFE_INDEX,
+    WeightFiles,
+    find_weight_files,
+    stored_tensors,
+)
 
 
 def load_inventory(model_or_path: Any, trust_pickle: bool = False) -> Inventory:
@@ -39,15 +42,15 @@ def load_inventory(model_or_path: Any, trust_pickle: bool = False) -> Inventory:
         if path.suffix == ".gguf":
             return inventory_from_gguf(path)
         if path.suffix == ".safetensors":
-            return inventory_from_safetensors(path.parent, files=[path])
+            return inventory_from_safetensors(path.parent, WeightFiles(path.parent, safetensors=(path,)))
         if path.suffix in PICKLE_SUFFIXES:
             return inventory_from_pickle(path, trust_pickle)
         if path.name == "config.json":
             return inventory_from_config(path.parent)
         raise UserError(f"{path}: unsupported file type (expected a model directory, .safetensors or .gguf)")
     if path.is_dir():
-        if sorted(path.glob("*.safetensors")):
-            return inventory_from_safetensors(path)
+        if (path / SAFE_INDEX).is_file() or any(path.glob("*.safetensors")):
+            return inventory_from_safetensors(path, find_weight_files(path, trust_pickle=trust_pickle))
         if (path / "config.json").is_file():
             return inventory_from_config(path)
         raise UserError(f"{path}: directory has neither config.json nor *.safetensors")
@@ -90,7 +93,7 @@ def inventory_from_config(path: str | Path) -> Inventory:
     """Shapes from ``config.json`` alone: by rule for the supported families, else built on meta."""
     config_file = Path(path) / "config.json"
     if config_file.is_file():
-        data = _read_config_json(config_file)
+        data = read_json_object(config_file)
         if shape_rules.supports(data):
             for key in (
                 "hidden_size",
@@ -123,24 +126,12 @@ def _inventory_from_meta_build(path: str | Path) -> Inventory:
     return inventory_from_module(model, source="config", dtype=dtype_name(dtype))
 
 
-def _read_config_json(config_file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_file}: not valid JSON ({e})") from e
-    except OSError as e:
-        raise UserError(f"{config_file}: cannot be read ({e.strerror})") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{config_file}: expected a JSON object")
-    return data
-
-
 def _auto_config(path: str | Path) -> Any:
     from transformers import AutoConfig
 
     config_file = Path(path) / "config.json"
     if config_file.is_file():
-        model_type = _read_config_json(config_file).get("model_type")
+        model_type = read_json_object(config_file).get("model_type")
         from transformers import CONFIG_MAPPING
 
         if model_type not in CONFIG_MAPPING:
@@ -161,57 +152,45 @@ def _first_line(error: BaseException) -> str:
 # -- safetensors headers -----------------------------------------------------------------------------
 
 
-def read_safetensors_header(file: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked against the file's size (catches truncation)."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise UserError(f"{file}: truncated safetensors file (no header length)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise UserError(
-                    f"{file}: truncated or corrupt safetensors header (declares {header_len} bytes)"
-                )
-            header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: corrupt safetensors header ({e})") from e
-    except OSError as e:
-        raise UserError(f"{file}: cannot be read ({e.strerror})") from e
-    data_len = size - 8 - header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or "shape" not in info or "data_offsets" not in info:
-            raise UserError(f"{file}: corrupt safetensors header (entry {name!r})")
-        if info["data_offsets"][1] > data_len:
-            raise UserError(f"{file}: truncated safetensors file (tensor {name!r} ends past the file)")
-    return header
+def inventory_from_safetensors(directory: Path, files: WeightFiles) -> Inventory:
+    """Shapes from headers only (each checked against its file); config facts from plain ``config.json``.
 
-
-def inventory_from_safetensors(directory: Path, files: list[Path] | None = None) -> Inventory:
-    """Shapes from headers only; config facts from ``config.json`` read as plain JSON."""
+    Shards the index maps to pickles are read only because the caller trusted them (``find_weight_files``
+    refuses them otherwise), and then with torch's weights-only unpickler.
+    """
     config = _plain_config(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: Counter[str] = Counter()
-    for file in files or sorted(directory.glob("*.safetensors")):
-        for name, info in read_safetensors_header(file).items():
-            if name == "__metadata__":
-                continue
-            shapes[name] = tuple(int(d) for d in info["shape"])
-            dtypes[info["dtype"]] += 1
+    for name, info in stored_tensors(files).items():
+        shapes[name] = info.shape
+        dtypes[info.dtype] += 1
+    for file in files.pickles:
+        for name, tensor in _pickled_state_dict(file).items():
+            shapes[name] = tuple(tensor.shape)
+            dtypes[dtype_name(tensor.dtype)] += 1
     embed = next((n for n in shapes if n.endswith("embed_tokens.weight")), None)
     tied = "lm_head.weight" not in shapes and embed is not None  # tied weights are stored once
     dtype = dtype_name(dtypes.most_common(1)[0][0]) if dtypes else "unknown"
     return _inventory(config, shapes, dtype, tied, "safetensors", {})
 
 
+def _pickled_state_dict(file: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not a state dict
+        raise UserError(f"{file}: not a readable state dict ({_first_line(e)})") from e
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: holds a {type(state).__name__}, not a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def _plain_config(directory: Path) -> SimpleNamespace:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError(f"{config_file}: missing (needed beside the safetensors files)")
-    data = _read_config_json(config_file)
+    data = read_json_object(config_file)
     for key in ("model_type", "hidden_size", "num_attention_heads"):
         if key not in data:
             raise UserError(f"{config_file}: missing key {key!r}")

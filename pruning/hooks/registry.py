@@ -6,6 +6,7 @@ looked up only for a name that is neither built in nor an import path.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -17,6 +18,7 @@ from pruning.errors import UserError
 from pruning.hooks.base import Event
 
 ENTRY_POINT_GROUP = "pruning.hooks"
+_EVENT_PREFIXES = ("before_", "after_", "on_")
 
 
 class HookRegistry:
@@ -83,9 +85,30 @@ def default_registry() -> HookRegistry:
     return registry
 
 
+def check_event_methods(cls: type, label: str) -> None:
+    """Refuse a method that looks like an event but is none (``after_prun``): it would never fire.
+
+    Looks like an event: named ``before_*``, ``after_*`` or ``on_*``, or close to an event's name.
+    """
+    events = [e.value for e in Event]
+    for name in dir(cls):
+        if name in events or name.startswith("_") or not callable(getattr(cls, name, None)):
+            continue
+        close = difflib.get_close_matches(name, events, n=1, cutoff=0.8)
+        if close or name.startswith(_EVENT_PREFIXES):
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(
+                f"hooks: {label}: method {name!r} looks like an event but is not one{hint}; "
+                f"events are {', '.join(events)}"
+            )
+
+
 def instantiate(cls: type, params: dict[str, Any], label: str) -> Any:
-    """Build a hook from its YAML params; a bad parameter is the user's error, naming the hook."""
+    """Build a hook from its YAML params; whatever its constructor raises is reported in one line."""
+    check_event_methods(cls, label)
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:
         raise UserError(f"hooks: {label}: bad params {params}: {e}") from e
+    except (Exception, SystemExit) as e:  # a hook's constructor is the user's code: name it, no traceback
+        raise UserError(f"hooks: {label}: its constructor raised {type(e).__name__}: {e}") from e

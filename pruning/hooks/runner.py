@@ -9,10 +9,17 @@ from typing import Any
 from pruning.config import HookConfig
 from pruning.context import PipelineContext
 from pruning.errors import UserError
+from pruning.fsutil import SPACE_ERRNOS, disk_errno
 from pruning.hooks.base import Event
 from pruning.hooks.registry import HookRegistry, default_registry, instantiate
 
 logger = logging.getLogger(__name__)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, SystemExit):  # sys.exit() in a hook must not end the run as a success
+        return f"it called sys.exit({error.code!r}), which does not end a run early"
+    return f"{type(error).__name__}: {error}"
 
 
 class HookError(UserError):
@@ -47,15 +54,21 @@ class HookRunner:
         return cls(hooks)
 
     def emit(self, event: Event, context: PipelineContext, **kwargs: Any) -> None:
-        """Call ``event`` on every hook that has it; failures raise HookError or, with on_error: warn, log."""
+        """Call ``event`` on every hook that has it; failures raise HookError or, with on_error: warn, log.
+
+        ``SystemExit`` from a hook is a failure like any other; ``KeyboardInterrupt`` (Ctrl-C, SIGTERM)
+        stops the run, whatever ``on_error`` says.
+        """
         for hook in self.hooks:
             method = getattr(hook.instance, event.value, None)
             if method is None:
                 continue
             try:
                 method(context, **kwargs)
-            except Exception as e:  # a hook's failure is reported with its name, never swallowed silently
-                message = f"hook {hook.name!r} failed at {event.value}: {type(e).__name__}: {e}"
+            except (Exception, SystemExit) as e:  # reported with the hook's name, never swallowed silently
+                if disk_errno(e) in SPACE_ERRNOS:
+                    raise  # a full disk is the run's problem, reported as such
+                message = f"hook {hook.name!r} failed at {event.value}: {_describe(e)}"
                 if hook.on_error == "warn":
                     logger.warning("%s (on_error: warn, the run goes on)", message)
                     continue

@@ -1,0 +1,119 @@
+"""Small filesystem primitives the output directory is built on: safe deletion, atomic swaps, disk errors.
+
+Deletion here never follows a symlink: a link is removed as a link, and a directory is removed only
+when it is a real directory and empty, so nothing outside the tree (or not listed) can go with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+# Errors that mean "the disk or the permissions are the problem", not a bug: reported in one line.
+DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "file too large for the file size limit (ulimit -f) or the filesystem",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# The ones no part of the run can work around: a hook hitting them fails the run whatever its on_error.
+SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_OS_ERROR_RE = re.compile(r"os error (\d+)")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def disk_errno(error: BaseException) -> int | None:
+    """The errno of a disk or permission failure, also when a Rust library reports it in its message."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+        if code is None:  # safetensors: "I/O error: File too large (os error 27)"
+            match = _OS_ERROR_RE.search(str(error))
+            code = int(match.group(1)) if match else None
+        if code in DISK_ERRNOS:
+            return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # this filesystem or kernel cannot swap; the caller falls back to two renames
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def remove_listed(root: Path, relative_paths: Iterable[str]) -> list[Path]:
+    """Delete the listed files under ``root``, then directories left empty; return what remains.
+
+    A listed path that is a directory or resolves outside ``root`` is not touched (and so remains).
+    """
+    root_real = os.path.realpath(root)
+    for rel in relative_paths:
+        path = root / rel
+        parent_real = os.path.realpath(path.parent)
+        if not (parent_real == root_real or parent_real.startswith(root_real + os.sep)):
+            continue
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            path.unlink()
+    _remove_empty_dirs(root)
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove real directories under (and including) ``root`` that are empty, deepest first."""
+    for dirpath, _dirnames, _files in os.walk(root, topdown=False, followlinks=False):
+        path = Path(dirpath)
+        if path.is_symlink():
+            continue
+        with contextlib.suppress(OSError):  # not empty: something not listed is inside, and stays
+            path.rmdir()
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory this package created (a staging directory), links removed as links."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False, followlinks=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if os.path.islink(child):
+                os.unlink(child)
+            else:
+                os.rmdir(child)
+    path.rmdir()

@@ -1,0 +1,172 @@
+"""Checks that need only the model's ``config.json``: they run before any weights load, and in --dry-run.
+
+A run that cannot succeed (a protected layer that does not exist, a minimum above what the model has,
+a ratio the constraints cannot reach, windows longer than the model's context, not enough disk) should
+fail in a second with one line naming the key, not after minutes of loading and scoring.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from pruning.analysis import shape_rules
+from pruning.architectures import check_supported
+from pruning.config import PipelineConfig
+from pruning.errors import UserError
+from pruning.jsonio import read_json_object
+from pruning.models import looks_like_hub_id
+from pruning.weight_files import PICKLE_SUFFIXES
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_CALIBRATION_TOKENS = 100_000_000  # 0.8 GB of token ids; far beyond any published calibration set
+MAX_SHARD_BYTES = 50 * 10**9  # save_pruned_model's max_shard_size
+_REPORTS_SLACK = 16 * 2**20  # plan, run record, analysis reports, and the filesystem's rounding
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the config says about the dense model to prune (every layer has the same shape)."""
+
+    config: dict[str, Any]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int | None
+    total_params: int
+    layer_params: int
+    kv_group_cost: int  # parameters one KV group owns (its q/k/v rows and o columns)
+    channel_cost: int  # parameters one MLP channel owns (gate/up rows, down column)
+
+
+def read_model_config(model_path: str) -> dict[str, Any]:
+    """config.json as plain JSON (a hub id's config is fetched, small, before any weights)."""
+    config_file = Path(model_path) / "config.json"
+    if config_file.is_file():
+        return read_json_object(config_file)
+    if looks_like_hub_id(model_path):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(model_path).to_dict()
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"model.path: cannot read the config of {model_path!r}: {str(e).splitlines()[0]}"
+            ) from e
+    raise UserError(f"model.path: {model_path} has no config.json")
+
+
+def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts:
+    """Facts for the checks; a config that cannot describe a prunable model is the user's error."""
+    check_supported(SimpleNamespace(model_type=config.get("model_type")))
+    if config.get("pruning_layout"):
+        raise UserError(f"{where}: the model is already pruned; prune the original model instead")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{where}: config.json key {key!r} must be a positive integer, got {value!r}")
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    if not isinstance(kv, int) or kv <= 0 or heads % kv:
+        raise UserError(
+            f"{where}: config.json has {heads} attention heads for {kv!r} KV heads; the heads must divide "
+            "into KV groups of equal size (num_attention_heads a multiple of num_key_value_heads)"
+        )
+    shapes = shape_rules.shapes_from_config(config)
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    layer0 = "model.layers.0."
+    per_group = sum(
+        sizes.get(f"{layer0}self_attn.{p}_proj.{kind}", 0) for p in "qkv" for kind in ("weight", "bias")
+    )
+    per_group += sizes[f"{layer0}self_attn.o_proj.weight"]
+    per_channel = sum(
+        sizes.get(f"{layer0}mlp.{p}_proj.{kind}", 0) for p in ("gate", "up") for kind in ("weight", "bias")
+    )
+    per_channel += sizes[f"{layer0}mlp.down_proj.weight"]
+    max_pos = config.get("max_position_embeddings")
+    return ModelFacts(
+        config=config,
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv,
+        intermediate_size=config["intermediate_size"],
+        max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
+        total_params=sum(sizes.values()),
+        layer_params=sum(n for name, n in sizes.items() if name.startswith("model.layers.")),
+        kv_group_cost=per_group // kv,
+        channel_cost=per_channel // config["intermediate_size"],
+    )
+
+
+def check_run(config: PipelineConfig, facts: ModelFacts, needs_data: bool) -> None:
+    """Every config value checked against the model it will meet."""
+    prn, cal = config.pruning, config.calibration
+    bad = sorted(i for i in prn.protected_layers if i >= facts.num_layers)
+    if bad:
+        raise UserError(
+            f"pruning.protected_layers: {bad} out of range: the model has layers 0..{facts.num_layers - 1}"
+        )
+    if prn.min_kv_groups > facts.num_kv_heads:
+        raise UserError(
+            f"pruning.min_kv_groups: {prn.min_kv_groups} is more than the {facts.num_kv_heads} KV groups "
+            "each layer has"
+        )
+    if prn.min_channels > facts.intermediate_size:
+        raise UserError(
+            f"pruning.min_channels: {prn.min_channels} is more than the {facts.intermediate_size} MLP "
+            "channels each layer has"
+        )
+    if needs_data and cal.num_samples * cal.seq_len > MAX_CALIBRATION_TOKENS:
+        raise UserError(
+            f"calibration.num_samples: {cal.num_samples:,} windows x {cal.seq_len:,} tokens = "
+            f"{cal.num_samples * cal.seq_len:,} tokens, more than the {MAX_CALIBRATION_TOKENS:,} a run "
+            "calibrates on"
+        )
+    if needs_data and facts.max_position_embeddings and cal.seq_len > facts.max_position_embeddings:
+        raise UserError(
+            f"calibration.seq_len: {cal.seq_len} is longer than the model's max_position_embeddings "
+            f"({facts.max_position_embeddings})"
+        )
+    base = facts.total_params if prn.ratio_of == "total" else facts.layer_params
+    unprotected = facts.num_layers - len(set(prn.protected_layers))
+    reachable = unprotected * (
+        (facts.num_kv_heads - prn.min_kv_groups) * facts.kv_group_cost
+        + (facts.intermediate_size - prn.min_channels) * facts.channel_cost
+    )
+    if reachable < prn.ratio * base:
+        raise UserError(
+            f"pruning.ratio: cannot remove {prn.ratio:.2%} of {prn.ratio_of} parameters: with "
+            f"protected_layers={sorted(prn.protected_layers)}, min_kv_groups={prn.min_kv_groups}, "
+            f"min_channels={prn.min_channels} at most {reachable / base:.2%} can go"
+        )
+
+
+def estimate_output_bytes(config: PipelineConfig, facts: ModelFacts, model_path: str) -> tuple[int, int]:
+    """(bytes the whole run writes, bytes of its largest file), from the parameters that will remain."""
+    prn = config.pruning
+    base = facts.total_params if prn.ratio_of == "total" else facts.layer_params
+    weights = int((facts.total_params - prn.ratio * base) * DTYPE_BYTES[config.model.dtype])
+    source = Path(model_path)
+    side_files = 0  # tokenizer and configs are copied beside the weights
+    if source.is_dir():
+        side_files = sum(
+            p.stat().st_size
+            for p in source.iterdir()
+            if p.is_file() and p.suffix not in (".safetensors", *PICKLE_SUFFIXES, ".gguf")
+        )
+    return weights + side_files + _REPORTS_SLACK, min(weights, MAX_SHARD_BYTES)
+
+
+def check_file_size_limit(output_dir: Path, largest_file: int) -> None:
+    """``ulimit -f`` below the checkpoint's largest file would fail the save at the end; fail now."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < largest_file:
+        raise UserError(
+            f"output.dir {output_dir}: the file size limit (ulimit -f) is {soft:,} bytes, but the checkpoint "
+            f"needs a file of about {largest_file:,} bytes"
+        )

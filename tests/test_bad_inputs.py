@@ -1,0 +1,245 @@
+"""Every bad input a user can give the pipeline: one line, exit code 2, before weights load, nothing written.
+
+The runs are in-process (fast); ``load_model_and_tokenizer`` is replaced by a trap, so a check that
+happened only after loading the weights fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruning import pipeline
+from pruning.cli import main
+from tests.tiny_pipeline import build_tiny_model_dir, write_config
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def no_weights_may_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def trap(*args, **kwargs):
+        raise AssertionError("weights were loaded before the bad input was reported")
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", trap)
+
+
+def fails(capsys: pytest.CaptureFixture, argv: list[str], *needles: str, out: Path | None = None) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    if out is not None:
+        assert not out.exists() and not [
+            p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")
+        ]
+    return err[0]
+
+
+def model_copy(tiny_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+# -- the source model's files ------------------------------------------------------------------------
+
+
+def _truncate(weights: Path) -> None:
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _lie(weights: Path) -> None:
+    """Keep the bytes, claim another shape: the header's shape no longer fits its byte range."""
+    raw = weights.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["model.norm.weight"]["shape"] = [32]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    weights.write_bytes(raw[:8] + text + raw[8 + n :])
+
+
+def _reshape(weights: Path) -> None:
+    state = load_file(weights)
+    state["model.layers.1.mlp.gate_proj.weight"] = torch.zeros(100, 64)
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+def _drop(weights: Path) -> None:
+    state = load_file(weights)
+    del state["model.layers.2.self_attn.k_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (_truncate, "truncated safetensors file"),
+        (_lie, "safetensors header lies about 'model.norm.weight'"),
+        (_reshape, "model.layers.1.mlp.gate_proj.weight is stored as [100, 64], config.json needs [128, 64]"),
+        (_drop, "weights lack model.layers.2.self_attn.k_proj.weight"),
+    ],
+    ids=["truncated", "lying-header", "wrong-shape", "missing-tensor"],
+)
+def test_broken_source_weights(tmp_path: Path, tiny_dir: Path, capsys, damage, needle: str):
+    model = model_copy(tiny_dir, tmp_path)
+    damage(model / "model.safetensors")
+    out = tmp_path / "out"
+    fails(
+        capsys,
+        ["--config", str(write_config(tmp_path / "c.yaml", model, out))],
+        "model.path: ",
+        needle,
+        out=out,
+    )
+
+
+class _Tripwire:
+    """Unpickling this writes a file: proof that a pickle was (or was not) loaded."""
+
+    path = ""
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "unpickled"))
+
+
+def test_index_pointing_at_a_pickle_is_never_unpickled(tmp_path: Path, tiny_dir: Path, capsys):
+    model = model_copy(tiny_dir, tmp_path)
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    tripwire = _Tripwire()
+    tripwire.path = str(tmp_path / "tripwire")
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"state": state, "payload": tripwire}, f)
+    index = {"metadata": {}, "weight_map": dict.fromkeys(state, "pytorch_model.bin")}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    fails(
+        capsys,
+        ["--config", str(write_config(tmp_path / "c.yaml", model, out))],
+        "points at pickled weights (pytorch_model.bin)",
+        "trust_pickle",
+        out=out,
+    )
+    assert not (tmp_path / "tripwire").exists()
+
+
+def test_heads_that_do_not_divide_into_kv_groups(tmp_path: Path, tiny_dir: Path, capsys):
+    model = model_copy(tiny_dir, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["num_key_value_heads"] = 3
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    fails(
+        capsys,
+        ["--config", str(write_config(tmp_path / "c.yaml", model, out))],
+        "4 attention heads for 3 KV heads",
+        out=out,
+    )
+
+
+# -- config values checked against the model (also by --dry-run) -------------------------------------
+
+
+CONFIG_VS_MODEL = {
+    "protected": (
+        {"pruning": {"protected_layers": [1, 7]}},
+        "pruning.protected_layers: [7] out of range: the model has layers 0..3",
+    ),
+    "min-kv": ({"pruning": {"min_kv_groups": 3}}, "pruning.min_kv_groups: 3 is more than the 2 KV groups"),
+    "min-channels": (
+        {"pruning": {"min_channels": 129}},
+        "pruning.min_channels: 129 is more than the 128 MLP channels",
+    ),
+    "unreachable": (
+        {"pruning": {"ratio": 0.5, "protected_layers": [0, 1, 2]}},
+        "pruning.ratio: cannot remove 50.00% of total",
+    ),
+    "seq-len": (
+        {"calibration": {"seq_len": 256}},
+        "calibration.seq_len: 256 is longer than the model's max_position_embeddings (128)",
+    ),
+    "tokens": (
+        {"calibration": {"num_samples": 1_000_000, "seq_len": 128}},
+        "calibration.num_samples: 1,000,000 windows x 128",
+    ),
+    "num-samples": (
+        {"calibration": {"num_samples": 10**7}},
+        "calibration.num_samples: 10000000 is greater than the maximum of 1000000",
+    ),
+    "seed": (
+        {"calibration": {"seed": 2**64}},
+        "calibration.seed: 18446744073709551616 is greater than the maximum",
+    ),
+    "nan": ({"pruning": {"ratio": float("nan")}}, "pruning.ratio: nan is not a number"),
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize(("sections", "needle"), list(CONFIG_VS_MODEL.values()), ids=list(CONFIG_VS_MODEL))
+def test_config_checked_against_the_model(tmp_path: Path, tiny_dir: Path, capsys, sections, needle, dry_run):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out, **sections)
+    fails(capsys, ["--config", str(config), *(["--dry-run"] if dry_run else [])], needle, out=out)
+
+
+def test_nan_ratio_from_the_command_line(tmp_path: Path, tiny_dir: Path, capsys):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out)
+    fails(
+        capsys,
+        ["--config", str(config), "--dry-run", "--set", "pruning.ratio=.nan"],
+        "pruning.ratio: nan is not a number",
+    )
+
+
+def test_duplicate_yaml_key(tmp_path: Path, tiny_dir: Path, capsys):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out)
+    text = config.read_text().replace("  ratio: 0.2\n", "  ratio: 0.2\n  ratio: 0.9\n")
+    config.write_text(text)
+    fails(
+        capsys,
+        ["--config", str(config)],
+        f"{config}: not valid YAML at line",
+        "duplicate key 'ratio'",
+        out=out,
+    )
+
+
+def test_empty_output_dir_flag(tmp_path: Path, tiny_dir: Path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_dir, tmp_path / "out")
+    fails(capsys, ["--config", str(config), "--output-dir", ""], "--output-dir: must not be empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+# -- hooks -----------------------------------------------------------------------------------------
+
+
+BAD_HOOKS = {
+    "misspelt-event": (
+        "tests.hook_points:Misspelt",
+        "method 'after_prun' looks like an event but is not one (did you mean 'after_prune'?)",
+    ),
+    "constructor-raises": (
+        "tests.hook_points:BrokenConstructor",
+        "its constructor raised RuntimeError: cannot reach the metrics server",
+    ),
+}
+
+
+@pytest.mark.parametrize(("hook", "needle"), list(BAD_HOOKS.values()), ids=list(BAD_HOOKS))
+def test_bad_hooks_fail_before_loading(tmp_path: Path, tiny_dir: Path, capsys, hook: str, needle: str):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out, hooks=[hook])
+    fails(capsys, ["--config", str(config)], f"hooks: hooks[0] {hook}: ", needle, out=out)

@@ -1,0 +1,216 @@
+"""The output directory: staged runs published by renames, overwrite by manifest, recovery, no links."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pruning import outputs, reports
+from pruning.config import load_config
+from pruning.context import PipelineContext
+from pruning.errors import UserError
+from pruning.outputs import StagedRun, build_manifest, check_output_dir, check_writable, resolve_target
+from pruning.run_record import build_run_record
+from tests.tiny_pipeline import tree_digest
+
+RUN_FILES = {"models/model.safetensors": b"weights", "models/config.json": b"{}", "plan.json": b"{}"}
+
+
+def finish_run(directory: Path, files: dict[str, bytes] = RUN_FILES, tmp: Path | None = None) -> Path:
+    """A directory as a finished run leaves it: its files plus a valid run.json listing them."""
+    for rel, data in files.items():
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(data)
+    config_file = (tmp or directory.parent) / "cfg.yaml"
+    config_file.write_text(yaml.safe_dump({"model": {"path": "m"}, "pruning": {"ratio": 0.2}}))
+    context = PipelineContext(config=load_config(config_file), output_dir=directory, model_path="m")
+    context.params_before, context.params_after = 100, 80
+    context.layer_params_before, context.layer_params_after = 90, 70
+    record = build_run_record(context, datetime.now(timezone.utc), directory, build_manifest(directory))
+    reports.save(record, directory / "run.json")
+    return directory
+
+
+def staged(target: Path, overwrite: bool = True) -> StagedRun:
+    return StagedRun(target, overwrite, "/nonexistent/source")
+
+
+def publish_new_run(target: Path, content: bytes = b"new weights", overwrite: bool = True) -> None:
+    with staged(target, overwrite) as run:
+        finish_run(run.staging, {"models/model.safetensors": content}, tmp=target.parent)
+        run.publish()
+
+
+def siblings(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def test_new_directory_is_published_whole(tmp_path: Path):
+    target = tmp_path / "nested" / "out"
+    publish_new_run(target, overwrite=False)
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert reports.load(target / "run.json")["files"] == {"models/model.safetensors": 11}
+    assert siblings(target) == []  # no staging directory and no lock file left behind
+
+
+def test_nothing_appears_before_publish_and_a_failure_leaves_no_trace(tmp_path: Path):
+    target = tmp_path / "nested" / "out"
+    with pytest.raises(RuntimeError, match="hook failed"), staged(target, overwrite=False) as run:
+        (run.staging / "models").mkdir()
+        (run.staging / "models" / "model.safetensors").write_bytes(b"half")
+        assert not target.exists() and run.staging.parent == target.parent
+        raise RuntimeError("hook failed")
+    assert not (tmp_path / "nested").exists()  # the parents this run created are gone too
+
+
+def test_overwrite_replaces_exactly_the_previous_run(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    publish_new_run(target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == [
+        "models",
+        "models/model.safetensors",
+        "run.json",
+    ]
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert siblings(target) == []
+
+
+def test_previous_run_is_byte_for_byte_intact_until_publish(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    with pytest.raises(KeyboardInterrupt), staged(target) as run:
+        finish_run(run.staging, {"models/model.safetensors": b"new"}, tmp=tmp_path)
+        assert tree_digest(target) == before
+        raise KeyboardInterrupt
+    assert tree_digest(target) == before and siblings(target) == []
+
+
+def test_publish_without_an_atomic_swap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(outputs, "exchange", lambda a, b: False)
+    target = finish_run(tmp_path / "out")
+    publish_new_run(target)
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert siblings(target) == []
+
+
+def test_a_publish_interrupted_between_two_renames_is_restored(tmp_path: Path):
+    """The fallback renames target -> .previous, then staging -> target; a crash between leaves no target."""
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    target.rename(tmp_path / ".out.previous-123-abcd")
+    (tmp_path / ".out.staging-123-abcd").mkdir()
+    (tmp_path / ".out.staging-123-abcd" / "half.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not empty"), staged(target, overwrite=False):
+        pass
+    assert tree_digest(target) == before and siblings(target) == []
+
+
+def test_an_interrupted_cleanup_of_the_previous_run_is_finished(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    old = finish_run(tmp_path / ".out.previous-9-ffff", {"plan.json": b"old"})
+    (old / "mine.txt").write_text("not the tool's")
+    publish_new_run(target)
+    assert [p.name for p in old.iterdir()] == ["mine.txt"]  # the listed files went; the stranger stayed
+
+
+def test_user_files_inside_run_directories_are_refused(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "my-llama").mkdir()
+    (target / "models" / "my-llama" / "config.json").write_text("{}")
+    (target / "models" / "my_notes.txt").write_text("notes")
+    before = tree_digest(target)
+    with pytest.raises(UserError) as info:
+        publish_new_run(target)
+    assert "models/my-llama/" in str(info.value) and "models/my_notes.txt" in str(info.value)
+    assert tree_digest(target) == before and (target / "models" / "my-llama").is_dir()
+
+
+def test_an_empty_user_directory_is_refused_too(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "keep").mkdir()
+    with pytest.raises(UserError, match="keep/ .not written by a pruning run"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_changed_file_is_refused(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "plan.json").write_text('{"edited": true}')
+    with pytest.raises(UserError, match="plan.json .changed since the run wrote it"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_symlink_in_the_run_is_refused_and_never_followed(tmp_path: Path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep")
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "model.safetensors").unlink()
+    (target / "models" / "model.safetensors").symlink_to(precious / "data.txt")
+    with pytest.raises(UserError, match="model.safetensors .a symlink"):
+        check_output_dir(target, True, "/nonexistent")
+    assert (precious / "data.txt").read_text() == "keep"
+
+
+def test_listed_removal_never_follows_links(tmp_path: Path):
+    from pruning.fsutil import remove_listed
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.txt").write_text("keep")
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "a.bin").write_text("a")
+    (root / "linked").symlink_to(outside)
+    left = remove_listed(root, ["models/a.bin", "linked/x.txt", "../outside/x.txt"])
+    assert (outside / "x.txt").read_text() == "keep"
+    assert [p.name for p in left] == ["linked"] and not (root / "models").exists()
+
+
+def test_a_manifest_cannot_name_files_outside_the_run(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    record = json.loads((target / "run.json").read_text())
+    record["files"]["../victim.txt"] = 4
+    (target / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"not a valid run record.*\$\.files\['\.\./victim\.txt'\]"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_run_json_without_a_manifest_is_refused(tmp_path: Path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "run.json").write_text('{"name": "from an older version"}')
+    (target / "models").mkdir()
+    with pytest.raises(UserError, match="run.json is not a valid run record"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_symlinked_target_is_followed_once_and_kept(tmp_path: Path):
+    real = finish_run(tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    target = resolve_target(str(link))
+    assert target == real.resolve()
+    publish_new_run(target)
+    assert link.is_symlink() and (link / "models" / "model.safetensors").read_bytes() == b"new weights"
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_output_dir_is_refused(value: str):
+    with pytest.raises(UserError, match="output.dir: must not be empty"):
+        resolve_target(value)
+
+
+def test_dangling_symlink_target_is_refused(tmp_path: Path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match="is a symlink to nothing"):
+        resolve_target(str(tmp_path / "link"))
+
+
+def test_not_enough_free_space_is_refused_before_anything_is_written(tmp_path: Path):
+    with pytest.raises(UserError, match=r"GiB free, the run needs about"):
+        check_writable(tmp_path / "out", needed_bytes=2**62)
+    assert list(tmp_path.iterdir()) == []
