@@ -25,12 +25,13 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from pruning.analysis.shape_rules import LAYOUT_KEY, check_layout
 from pruning.architectures import check_supported, decoder_layers, head_dim_of
 from pruning.errors import UserError
 from pruning.fsutil import current_umask
 from pruning.jsonio import read_json_object
 from pruning.modules import ZeroAttention, ZeroMLP
-from pruning.surgery import LAYOUT_VERSION, pruned_layout
+from pruning.surgery import pruned_layout
 from pruning.weight_files import (
     PICKLE_SUFFIXES,
     WeightFiles,
@@ -40,7 +41,6 @@ from pruning.weight_files import (
 
 logger = logging.getLogger(__name__)
 
-LAYOUT_KEY = "pruning_layout"
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.bfloat16: "BF16",
@@ -147,26 +147,6 @@ def _meta_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
     )
 
 
-def _check_layout(layout: Mapping[str, Any], num_layers: int) -> None:
-    if not isinstance(layout, Mapping):
-        raise UserError(f"{LAYOUT_KEY} must be an object, got {type(layout).__name__}")
-    if layout.get("version") != LAYOUT_VERSION:
-        version = layout.get("version")
-        raise UserError(f"{LAYOUT_KEY}: unsupported version {version!r} (expected {LAYOUT_VERSION})")
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        values = layout.get(key)
-        if (
-            not isinstance(values, list)
-            or len(values) != num_layers
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
-        ):
-            raise UserError(f"{LAYOUT_KEY}.{key} must be a list of {num_layers} non-negative integers")
-    pairs = zip(layout["num_attention_heads"], layout["num_key_value_heads"], strict=True)
-    for i, (heads, kv) in enumerate(pairs):
-        if (heads == 0) != (kv == 0) or (kv and heads % kv):
-            raise UserError(f"{LAYOUT_KEY}: layer {i} has {heads} query heads for {kv} KV heads")
-
-
 def _reshape_layer(layer: nn.Module, idx: int, heads: int, kv: int, inter: int, head_dim: int) -> None:
     """Resize one meta-device decoder layer to the layout's sizes (0 = block removed)."""
     if kv == 0:
@@ -223,7 +203,10 @@ def build_pruned_skeleton(
     layout = getattr(config, LAYOUT_KEY, None)
     if layout:
         layers = decoder_layers(model)
-        _check_layout(layout, len(layers))
+        try:
+            check_layout(layout, len(layers))
+        except ValueError as e:
+            raise UserError(str(e)) from e
         head_dim = head_dim_of(config)
         keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
         sizes = zip(*(layout[key] for key in keys), strict=True)

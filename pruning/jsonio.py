@@ -34,15 +34,15 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file name for the JSON")
     try:
+        if path.is_dir():
+            raise UserError(f"{path}: is a directory; give a file name for the JSON")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        if disk_errno(e) is None:
-            raise
-        raise UserError(f"{path}: cannot write here: {DISK_ERRNOS[disk_errno(e)]}") from e
+    except OSError as e:  # read-only, not a directory on the way, a name too long: the path is wrong
+        code = disk_errno(e)
+        reason = DISK_ERRNOS[code] if code is not None else (e.strerror or str(e)).lower()
+        raise UserError(f"{path}: cannot write here: {reason}") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())

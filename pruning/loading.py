@@ -69,6 +69,18 @@ def check_source_weights(
                 f"model.path: {directory}: {name} is stored as {list(stored[name].shape)}, config.json "
                 f"needs {list(shape)}"
             )
+    unexpected = sorted(name for name in set(stored) - set(expected) if not _harmless_extra(name, config))
+    if unexpected:  # transformers would drop them: a config with fewer layers than the weights, say
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise UserError(
+            f"model.path: {directory}: the weights hold {unexpected[0]}{more}, which config.json lacks"
+        )
+
+
+def _harmless_extra(name: str, config: dict[str, Any]) -> bool:
+    """Stored tensors transformers ignores by design: a tied lm_head's copy, old rotary buffers."""
+    tied_copy = name == "lm_head.weight" and config.get("tie_word_embeddings", False)
+    return tied_copy or name.endswith("rotary_emb.inv_freq")
 
 
 def pick_device(name: str) -> str:
@@ -132,6 +144,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
         raise UserError(
             f"model.path: no safetensors weights in {path!r} (pickled .bin weights are not loaded; "
             f"convert them to safetensors): {str(e).splitlines()[0]}"
+        ) from e
+    except (KeyError, ValueError, TypeError) as e:  # values in config.json (or an index) it cannot use
+        raise UserError(
+            f"model.path: transformers cannot load the model in {path}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
     model.to(device).eval()
     return model, tokenizer

@@ -8,11 +8,13 @@ a refused run can name it. Beside, not inside: the run swaps the directory itsel
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +49,17 @@ class OutputLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # never through a symlink: the file is truncated and rewritten below
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise UserError(
+                    f"output.dir {self.target}: the lock file {self.path} is a symlink; remove it"
+                ) from e
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UserError(f"output.dir {self.target}: the lock file {self.path} is not a regular file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import signal
 import stat
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,15 +43,21 @@ MANIFEST_KEY = "files"
 _STAGING, _PREVIOUS = "staging", "previous"
 
 
+# Room the staging name adds to output.dir's name (".", ".staging-", a pid, "-", 8 hex digits).
+_SIBLING_EXTRA = 32
+_NAME_MAX = 255
+
+
 def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
-    prefix = f".{target.name}.{kind}-"
+    """This target's own staging or previous-run directories: exactly the names ``_sibling`` makes."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{kind}-\d+-[0-9a-f]{{8}}")
     if not target.parent.is_dir():
         return []
-    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -57,11 +67,21 @@ def resolve_target(output_dir: str) -> Path:
     """``output.dir`` as a path; a symlink to a directory is followed once, so the link itself stays."""
     if not output_dir.strip():
         raise UserError("output.dir: must not be empty")
+    if "\0" in output_dir:
+        raise UserError("output.dir: must not contain a NUL character")
     target = Path(output_dir)
+    if target.name in ("", ".", ".."):  # "." or "a/..": the directory's own name is needed beside it
+        target = Path(os.path.abspath(target))
     if target.is_symlink():
         if not target.exists():
             raise UserError(f"output.dir {target} is a symlink to nothing ({os.readlink(target)})")
         target = Path(os.path.realpath(target))
+    if len(os.fsencode(target.name)) > _NAME_MAX - _SIBLING_EXTRA:
+        size = len(os.fsencode(target.name))
+        raise UserError(
+            f"output.dir: the name {target.name[:40]}... is {size} bytes long; at most "
+            f"{_NAME_MAX - _SIBLING_EXTRA} (the staging directory beside it adds {_SIBLING_EXTRA})"
+        )
     return target
 
 
@@ -130,6 +150,11 @@ def check_output_dir(target: Path, overwrite: bool, model_path: str) -> dict[str
         return None
     if not target.is_dir():
         raise UserError(f"output.dir {target} exists and is not a directory")
+    if os.path.ismount(target):
+        raise UserError(
+            f"output.dir {target} is a mount point; a run is published by renaming a directory beside it, "
+            f"which cannot replace a mount point: use a directory inside it, such as {target / 'run'}"
+        )
     if not any(target.iterdir()):
         return None
     if not overwrite:
@@ -227,20 +252,29 @@ class StagedRun:
         self._close()
 
     def publish(self) -> None:
-        """Make the staged run the target's content: renames only, after one last check of the target."""
-        manifest = check_output_dir(self.target, self.overwrite, self.model_path)
-        if manifest is None:  # new or empty: rename replaces an empty directory atomically
-            os.rename(self.staging, self.target)
-            self.published = True
-            return
-        if exchange(self.staging, self.target):
-            old = self.staging  # the swap left the previous run under the staging name
-        else:
+        """Make the staged run the target's content: renames only, after one last check of the target.
+
+        Ctrl-C and SIGTERM wait until the renames are done, so a run is published whole or not at all.
+        """
+        with _signals_deferred():
+            manifest = check_output_dir(self.target, self.overwrite, self.model_path)
+            if manifest is None:  # new or empty: rename replaces an empty directory atomically
+                os.rename(self.staging, self.target)
+                self.published = True
+                return
             old = _sibling(self.target, _PREVIOUS)
-            os.rename(self.target, old)
-            os.rename(self.staging, self.target)  # a crash between the two renames: see _recover
-        self.published = True
-        _remove_previous(old, manifest)
+            if exchange(self.staging, self.target):
+                self.published = True
+                os.rename(self.staging, old)  # the swap left the previous run under the staging name
+            else:
+                os.rename(self.target, old)  # a crash before the next rename: see _recover
+                try:
+                    os.rename(self.staging, self.target)
+                except BaseException:
+                    os.rename(old, self.target)
+                    raise
+                self.published = True
+            _remove_previous(old, manifest)
 
     def _make_parents(self) -> None:
         missing = []
@@ -259,21 +293,18 @@ class StagedRun:
                 os.rename(previous, self.target)
                 logger.warning("restored %s from an interrupted publish (%s)", self.target, previous.name)
             elif read_manifest(self.target) is not None:  # replaced by a published run: finish removing it
-                try:
-                    _remove_previous(previous, read_manifest(previous) or {})
-                except UserError as e:
-                    logger.warning("left %s alone: %s", previous, e)
+                _discard(previous, staged=False)
             else:
                 logger.warning("left %s alone: %s does not hold a published run", previous, self.target)
         for staging in _siblings(self.target, _STAGING):
-            remove_tree(staging)
+            _discard(staging, staged=True)
             logger.warning("removed %s, the staging directory of a run that did not finish", staging.name)
 
     def _close(self) -> None:
         try:
             staging = getattr(self, "staging", None)
-            if not self.published and staging is not None and staging.exists():
-                remove_tree(staging)
+            if staging is not None and staging.exists():
+                _discard(staging, staged=True)  # unpublished, or (a failed rename) the previous run
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -284,6 +315,38 @@ class StagedRun:
                         path.rmdir()
                     except OSError:
                         break  # something else was put there meanwhile; it stays
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (they are delivered then)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _discard(directory: Path, staged: bool) -> None:
+    """Remove a directory this tool made beside the target, and nothing in it that is not its own.
+
+    With a valid run.json it holds a whole run (staged, or a previous one swapped out): only the files
+    its manifest lists go. Without one, a staging directory (``staged``) is a run that never finished,
+    all of it written by that run, and all of it goes; a previous run's directory has already lost its
+    listed files, and what is left is not ours: only empty directories go.
+    """
+    try:
+        manifest = read_manifest(directory)
+    except UserError:
+        logger.warning("left %s alone: its %s is not a valid run record", directory, RUN_RECORD)
+        return
+    if manifest is not None:
+        _remove_previous(directory, manifest)
+    elif staged:
+        remove_tree(directory)
+    else:
+        _remove_previous(directory, {})
 
 
 def _remove_previous(old: Path, manifest: dict[str, int]) -> None:

@@ -101,6 +101,8 @@ def disk_errors_named(target: Path) -> Iterator[None]:
     """A full disk, a size limit or a read-only directory is reported in one line, not as a traceback."""
     try:
         yield
+    except UserError:
+        raise  # already says what is wrong (a hook's failure names the hook, whatever its cause)
     except Exception as e:
         code = disk_errno(e)
         if code is None:

@@ -70,6 +70,11 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UserError(f"{where}: config.json key {key!r} must be a positive integer, got {value!r}")
+    for key in ("head_dim", "num_key_value_heads", "max_position_embeddings"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise UserError(f"{where}: config.json key {key!r} must be a positive integer, got {value!r}")
+    _parse_with_transformers(config, where)
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     if not isinstance(kv, int) or kv <= 0 or heads % kv:
@@ -101,6 +106,19 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
         kv_group_cost=per_group // kv,
         channel_cost=per_channel // config["intermediate_size"],
     )
+
+
+def _parse_with_transformers(config: dict[str, Any], where: str) -> None:
+    """The config class transformers will build the model from accepts every value (types, ranges)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+    except Exception as e:  # transformers validates with several exception types; all mean a bad value
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{where}: config.json is not a valid {config['model_type']} config: {first_line}"
+        ) from e
 
 
 def check_run(config: PipelineConfig, facts: ModelFacts, needs_data: bool) -> None:

@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning.analysis.shape_rules import LAYOUT_VERSION
 from pruning.architectures import decoder_layers, head_dim_of, layer_geometry
 from pruning.modules import ZeroAttention, ZeroMLP
 from pruning.plan import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
-
-LAYOUT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- indices

@@ -29,7 +29,6 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 # Suffixes of files that torch.load would unpickle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.safetensors$")
 
@@ -137,14 +136,19 @@ def _check_entries(file: Path, header: dict[str, Any], data_len: int) -> dict[st
 def find_weight_files(directory: Path, *, trust_pickle: bool = False) -> WeightFiles:
     """The checkpoint's weight files; an error names whatever is missing, truncated or untrusted.
 
-    Order of authority: ``model.safetensors.index.json``, then ``model.safetensors``, then every
-    ``*.safetensors`` (numbered shards must all be there), then, with ``trust_pickle`` only, pickles.
+    The same order transformers' ``from_pretrained`` follows, so the files checked here are the files it
+    loads: the file ``config.json`` names in ``transformers_weights``, then ``model.safetensors``, then
+    ``model.safetensors.index.json``, then every ``*.safetensors`` (numbered shards must all be there),
+    then, with ``trust_pickle`` only, pickles.
     """
+    explicit = _explicit_weights(directory)
+    if explicit is not None:
+        return _explicit_files(directory, explicit, trust_pickle)
+    if (directory / SAFE_WEIGHTS).is_file():
+        return WeightFiles(directory, safetensors=(directory / SAFE_WEIGHTS,))
     index = directory / SAFE_INDEX
     if index.is_file():
         return _files_from_index(index, trust_pickle)
-    if (directory / SAFE_WEIGHTS).is_file():
-        return WeightFiles(directory, safetensors=(directory / SAFE_WEIGHTS,))
     found = tuple(sorted(p for p in directory.glob("*.safetensors") if p.is_file()))
     if found:
         _check_numbered_shards(directory, found)
@@ -161,6 +165,35 @@ def find_weight_files(directory: Path, *, trust_pickle: bool = False) -> WeightF
     return WeightFiles(directory)
 
 
+def _explicit_weights(directory: Path) -> str | None:
+    """``transformers_weights`` in config.json: transformers loads that file and ignores the others."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return None
+    name = read_json_object(config_file).get("transformers_weights")
+    if name is None:
+        return None
+    if not isinstance(name, str) or Path(name).name != name:
+        raise UserError(f"{config_file}: transformers_weights must name a file in {directory}, got {name!r}")
+    return name
+
+
+def _explicit_files(directory: Path, name: str, trust_pickle: bool) -> WeightFiles:
+    path = directory / name
+    if not path.is_file():
+        raise UserError(f"{directory}: config.json names transformers_weights {name}, which is missing")
+    if name.endswith(".safetensors.index.json"):
+        return _files_from_index(path, trust_pickle)
+    if name.endswith(".safetensors"):
+        return WeightFiles(directory, safetensors=(path,))
+    if not trust_pickle:
+        raise UserError(
+            f"{directory}: config.json names transformers_weights {name}, not a safetensors file; it would "
+            "be unpickled, which runs code stored in it, so it is refused. Opt in with trust_pickle"
+        )
+    return WeightFiles(directory, pickles=(path,))
+
+
 def _files_from_index(index: Path, trust_pickle: bool) -> WeightFiles:
     data = read_json_object(index)
     weight_map = data.get("weight_map")
@@ -172,6 +205,9 @@ def _files_from_index(index: Path, trust_pickle: bool) -> WeightFiles:
     if outside:
         raise UserError(f"{index}: weight_map names files outside the checkpoint directory: {outside[:3]}")
     pickles = [n for n in names if not n.endswith(".safetensors")]
+    strange = [n for n in pickles if Path(n).suffix not in PICKLE_SUFFIXES]
+    if strange:
+        raise UserError(f"{index}: weight_map names {strange[0]}, which is not a weight file (.safetensors)")
     if pickles and not trust_pickle:
         raise UserError(
             f"{index}: points at pickled weights ({', '.join(pickles[:3])}); unpickling runs code stored in "

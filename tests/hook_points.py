@@ -7,12 +7,14 @@ and then does ``action``:
 - ``wait_in_save``: let the save start, and wait inside it once the weights are written;
 - ``exit``: ``sys.exit(0)``; ``interrupt``: raise KeyboardInterrupt (as Ctrl-C does);
 - ``enospc``: raise ``OSError(ENOSPC)``, as a full disk does;
-- ``file_limit``: lower ``ulimit -f`` to ``limit`` bytes, so the checkpoint's write fails with EFBIG.
+- ``file_limit``: lower ``ulimit -f`` to ``limit`` bytes, so the checkpoint's write fails with EFBIG;
+- ``fill``: write zeros to the file ``fill`` until its filesystem is full (really ENOSPC).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import sys
 import time
@@ -30,9 +32,23 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.05)
 
 
+def _fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+
+
 class Fault(Hook):
-    def __init__(self, event: str, action: str, marker: str = "", release: str = "", limit: int = 0) -> None:
-        self.event, self.action, self.limit = event, action, limit
+    def __init__(
+        self, event: str, action: str, marker: str = "", release: str = "", limit: int = 0, fill: str = ""
+    ) -> None:
+        self.event, self.action, self.limit, self.fill = event, action, limit, fill
         self.marker = Path(marker) if marker else None
         self.release = Path(release) if release else None
 
@@ -54,6 +70,8 @@ class Fault(Hook):
             raise OSError(errno.ENOSPC, "No space left on device")
         elif self.action == "file_limit":
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
+        elif self.action == "fill":
+            _fill(Path(self.fill))
 
     def _wait_inside_save(self, context: Any) -> None:
         original = context.model.save_pretrained

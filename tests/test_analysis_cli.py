@@ -280,3 +280,60 @@ def test_language_follows_the_locale(lang: str, title: str):
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert result.returncode == 0 and title in result.stdout
+
+
+def test_comparison_with_a_larger_pruned_model_is_not_saved(tmp_path: Path):
+    out = tmp_path / "cmp.json"
+    result = run(
+        "--model_path", str(config_dir("llama-2-7b")), "--compare_with", str(config_dir("llama-3-8b")),
+        "--save_json", str(out), "--lang", "en",
+    )  # fmt: skip
+    assert "Detailed comparison report" in result.stdout  # the comparison is still shown
+    _assert_clean_failure(result, "$.total_params.reduction_ratio", out)
+    assert "cannot be larger than the original" in result.stderr
+
+
+def test_tensors_missing_from_a_consistent_file_are_refused(tmp_path: Path, hand_pruned_dir: Path):
+    """Layer 3 keeps everything by its layout; a file without its tensors must not read as 'fully pruned'."""
+    from safetensors.torch import load_file, save_file
+
+    file = hand_pruned_dir / "model.safetensors"
+    state = {k: v for k, v in load_file(file).items() if not k.startswith("model.layers.3.")}
+    save_file(state, file, metadata={"format": "pt"})
+    out = tmp_path / "o.json"
+    _assert_clean_failure(
+        run("--model_path", str(hand_pruned_dir), "--save_json", str(out)),
+        "the weights lack model.layers.3.",
+        out,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"head_dim": "x"}, "key 'head_dim' must be a positive integer, got 'x'"),
+        (
+            {"pruning_layout": {"version": 1, "num_attention_heads": [1]}},
+            "pruning_layout.num_attention_heads must be",
+        ),
+    ],
+    ids=["head-dim", "layout"],
+)
+def test_bad_config_values(tmp_path: Path, hand_pruned_dir: Path, changes: dict, needle: str):
+    config = json.loads((hand_pruned_dir / "config.json").read_text()) | changes
+    (hand_pruned_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "o.json"
+    for model in (
+        hand_pruned_dir,
+        hand_pruned_dir / "config.json",
+    ):  # from headers, and from the config alone
+        _assert_clean_failure(run("--model_path", str(model), "--save_json", str(out)), needle, out)
+
+
+def test_save_json_below_a_file(tmp_path: Path):
+    (tmp_path / "cfg.yaml").write_text("x")
+    target = tmp_path / "cfg.yaml" / "a.json"
+    result = run("--model_path", str(config_dir("llama-2-7b")), "--save_json", str(target))
+    assert result.returncode == 2 and result.stderr.strip().startswith(
+        f"error: {target}: cannot write here: "
+    )

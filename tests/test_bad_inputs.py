@@ -243,3 +243,69 @@ def test_bad_hooks_fail_before_loading(tmp_path: Path, tiny_dir: Path, capsys, h
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_dir, out, hooks=[hook])
     fails(capsys, ["--config", str(config)], f"hooks: hooks[0] {hook}: ", needle, out=out)
+
+
+def _edit_config(model: Path, **changes) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config.update(changes)
+    (model / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"head_dim": "x"}, "config.json key 'head_dim' must be a positive integer, got 'x'"),
+        ({"max_position_embeddings": "x"}, "key 'max_position_embeddings' must be a positive integer"),
+        ({"rms_norm_eps": "x"}, "config.json is not a valid llama config: Validation error for field"),
+        ({"num_hidden_layers": 2}, "the weights hold model.layers.2."),
+    ],
+    ids=["head-dim", "max-positions", "strict-field", "fewer-layers-than-weights"],
+)
+def test_config_json_values(tmp_path: Path, tiny_dir: Path, capsys, changes: dict, needle: str):
+    model = model_copy(tiny_dir, tmp_path)
+    _edit_config(model, **changes)
+    out = tmp_path / "out"
+    fails(
+        capsys,
+        ["--config", str(write_config(tmp_path / "c.yaml", model, out))],
+        "model.path: ",
+        needle,
+        out=out,
+    )
+
+
+def _other_file_lacking_a_tensor(model: Path) -> str:
+    state = load_file(model / "model.safetensors")
+    del state["model.layers.3.mlp.down_proj.weight"]
+    save_file(state, model / "other.safetensors", metadata={"format": "pt"})
+    return "other.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("redirect", "needle"),
+    [
+        (_other_file_lacking_a_tensor, "weights lack model.layers.3.mlp.down_proj.weight"),
+        (lambda model: "adapter_model.bin", "names transformers_weights adapter_model.bin, which is missing"),
+    ],
+    ids=["safetensors", "missing"],
+)
+def test_config_json_naming_other_weights_is_followed(
+    tmp_path: Path, tiny_dir: Path, capsys, redirect, needle
+):
+    """transformers loads the file ``transformers_weights`` names: the checks look at that file too."""
+    model = model_copy(tiny_dir, tmp_path)
+    _edit_config(model, transformers_weights=redirect(model))
+    out = tmp_path / "out"
+    fails(capsys, ["--config", str(write_config(tmp_path / "c.yaml", model, out))], needle, out=out)
+
+
+def test_single_file_beats_the_index_as_in_transformers(tmp_path: Path, tiny_dir: Path, capsys):
+    """With both present transformers loads model.safetensors, so that is the file checked."""
+    model = model_copy(tiny_dir, tmp_path)
+    state = load_file(model / "model.safetensors")
+    save_file(state, model / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    index = {"weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors")}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    _drop(model / "model.safetensors")
+    out = tmp_path / "out"
+    fails(capsys, ["--config", str(write_config(tmp_path / "c.yaml", model, out))], "weights lack", out=out)

@@ -60,3 +60,16 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog: pyte
         assert json.loads(lock_path(target).read_text())["pid"] == os.getpid()
     assert f"taking over a stale lock on {target}: pid {dead.pid}" in caplog.text
     assert not lock_path(target).exists()
+
+
+def test_a_symlinked_lock_file_is_never_written_through(tmp_path: Path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "out"
+    lock_path(target).symlink_to(victim)
+    with (
+        pytest.raises(UserError, match=r"the lock file .*\.out\.lock is a symlink; remove it"),
+        OutputLock(target),
+    ):
+        pass
+    assert victim.read_text() == "precious" and lock_path(target).is_symlink()

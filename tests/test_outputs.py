@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,9 +102,9 @@ def test_a_publish_interrupted_between_two_renames_is_restored(tmp_path: Path):
     """The fallback renames target -> .previous, then staging -> target; a crash between leaves no target."""
     target = finish_run(tmp_path / "out")
     before = tree_digest(target)
-    target.rename(tmp_path / ".out.previous-123-abcd")
-    (tmp_path / ".out.staging-123-abcd").mkdir()
-    (tmp_path / ".out.staging-123-abcd" / "half.bin").write_bytes(b"x")
+    target.rename(tmp_path / ".out.previous-123-abcdef01")
+    (tmp_path / ".out.staging-123-abcdef01").mkdir()
+    (tmp_path / ".out.staging-123-abcdef01" / "half.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="not empty"), staged(target, overwrite=False):
         pass
     assert tree_digest(target) == before and siblings(target) == []
@@ -111,7 +112,7 @@ def test_a_publish_interrupted_between_two_renames_is_restored(tmp_path: Path):
 
 def test_an_interrupted_cleanup_of_the_previous_run_is_finished(tmp_path: Path):
     target = finish_run(tmp_path / "out")
-    old = finish_run(tmp_path / ".out.previous-9-ffff", {"plan.json": b"old"})
+    old = finish_run(tmp_path / ".out.previous-9-ffffffff", {"plan.json": b"old"})
     (old / "mine.txt").write_text("not the tool's")
     publish_new_run(target)
     assert [p.name for p in old.iterdir()] == ["mine.txt"]  # the listed files went; the stranger stayed
@@ -214,3 +215,59 @@ def test_not_enough_free_space_is_refused_before_anything_is_written(tmp_path: P
     with pytest.raises(UserError, match=r"GiB free, the run needs about"):
         check_writable(tmp_path / "out", needed_bytes=2**62)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_added_during_the_swap_is_kept_by_this_run_and_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    target = finish_run(tmp_path / "out")
+    real_exchange = outputs.exchange
+
+    def user_writes_then_swap(a: Path, b: Path) -> bool:
+        (target / "my_eval_notes.txt").write_text("mine")  # written while the run was finishing
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(outputs, "exchange", user_writes_then_swap)
+    publish_new_run(target)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.previous-")]
+    assert len(kept) == 1 and [p.name for p in kept[0].iterdir()] == ["my_eval_notes.txt"]
+    assert "kept" in caplog.text and "my_eval_notes.txt" in caplog.text
+    monkeypatch.setattr(outputs, "exchange", real_exchange)
+    publish_new_run(target, b"third")  # the next run finishes the cleanup by manifest: the note stays
+    assert (kept[0] / "my_eval_notes.txt").read_text() == "mine"
+
+
+def test_other_targets_siblings_are_not_ours(tmp_path: Path):
+    """A run into ``out`` must not touch what a run into ``out.staging-2`` keeps beside it."""
+    other = tmp_path / ".out.staging-2.staging-77-abcdef01"
+    other.mkdir()
+    (other / "weights").write_text("another run's")
+    (tmp_path / ".out.staging-2.lock").write_text("{}")
+    (tmp_path / ".out.previous-1").mkdir()  # not a name this tool makes
+    publish_new_run(tmp_path / "out")
+    assert (other / "weights").is_file() and (tmp_path / ".out.staging-2.lock").is_file()
+    assert (tmp_path / ".out.previous-1").is_dir()
+
+
+def test_ctrl_c_during_publish_waits_until_the_renames_are_done():
+    import signal
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt), outputs._signals_deferred():  # delivered when the block ends
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the signal")
+    assert reached == ["after the signal"]
+
+
+def test_a_mount_point_cannot_be_published_over():
+    with pytest.raises(UserError, match="output.dir /proc is a mount point; .*such as /proc/run"):
+        check_output_dir(Path("/proc"), True, "/nonexistent")
+
+
+def test_names_the_staging_directory_cannot_follow(tmp_path: Path):
+    with pytest.raises(UserError, match="output.dir: must not contain a NUL"):
+        resolve_target("out\0x")
+    with pytest.raises(UserError, match=r"is 240 bytes long; at most 223"):
+        resolve_target(str(tmp_path / ("a" * 240)))
+    assert resolve_target(".") == Path(os.getcwd())
+    assert resolve_target(str(tmp_path / "x" / "..")) == tmp_path

@@ -272,3 +272,90 @@ def test_protected_layers_are_untouched(tmp_path: Path, tiny_dir: Path):
         prefix = f"model.layers.{idx}."
         size = sum(v.numel() for k, v in pruned.items() if k.startswith(prefix))
         assert size < sum(v.numel() for k, v in dense.items() if k.startswith(prefix))
+
+
+def test_no_pickle_is_ever_opened_without_trust(tmp_path: Path, tiny_dir: Path, capsys, monkeypatch):
+    """An index naming a .bin would make transformers torch.load it; nothing may get that far."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    opened = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    model_dir = Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    state = load_file(model_dir / "model.safetensors")
+    (model_dir / "model.safetensors").unlink()
+    torch.save(state, model_dir / "pytorch_model.bin")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(state, "pytorch_model.bin")}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "out")
+    assert run(config) == 2
+    assert "points at pickled weights (pytorch_model.bin)" in capsys.readouterr().err
+    assert opened == [] and not (tmp_path / "out").exists()
+    assert run(config, "--set", "model.trust_pickle=true") == 0  # the user's explicit consent opens it
+    assert opened and (tmp_path / "out" / "run.json").is_file()
+
+
+def test_config_transformers_cannot_build_is_one_line(tmp_path: Path, tiny_dir: Path, capsys):
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["hidden_act"] = "nope"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert run(write_config(tmp_path / "c.yaml", model_dir, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transformers cannot load the model in" in err[0] and "KeyError" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_hook_permission_error_names_the_hook(tmp_path: Path, tiny_dir: Path, capsys):
+    (tmp_path / "perm_hooks.py").write_text(
+        "class Denied:\n"
+        "    def after_prune(self, context, **kwargs):\n"
+        "        raise PermissionError(13, 'Permission denied', '/var/log/metrics')\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = write_config(tmp_path / "c.yaml", tiny_dir, tmp_path / "out", hooks=["perm_hooks:Denied"])
+        assert run(config) == 1
+    finally:
+        sys.path.remove(str(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: hook 'perm_hooks:Denied' failed at after_prune: PermissionError")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_download_brings_no_pickle_and_is_checked_like_a_local_model(tmp_path, tiny_dir, monkeypatch):
+    """No hub here: the download is replaced by a copy of a model whose index names a .bin file."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from safetensors.torch import load_file
+
+    from pruning.config import ModelConfig
+    from pruning.errors import UserError
+    from pruning.loading import load_model_and_tokenizer
+
+    asked = {}
+
+    def fake_snapshot_download(repo_id: str, allow_patterns=None) -> str:
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        local = Path(shutil.copytree(tiny_dir, tmp_path / "snapshot"))
+        state = load_file(local / "model.safetensors")
+        (local / "model.safetensors").unlink()
+        index = {"metadata": {}, "weight_map": dict.fromkeys(state, "pytorch_model.bin")}
+        (local / "model.safetensors.index.json").write_text(json.dumps(index))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(UserError, match="points at pickled weights"):
+        load_model_and_tokenizer(ModelConfig(path="org/model"), "org/model")
+    assert asked["repo_id"] == "org/model"
+    for name in ("pytorch_model.bin", "model.pt", "weights.ckpt"):
+        assert not any(fnmatch.fnmatch(name, pattern) for pattern in asked["patterns"])
+    assert any(fnmatch.fnmatch("model-00001-of-00002.safetensors", p) for p in asked["patterns"])

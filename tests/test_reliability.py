@@ -302,3 +302,33 @@ def test_overwrite_replaces_the_previous_run_file_for_file(tmp_path: Path, tiny_
     assert set(record["files"]) == on_disk and record["target_ratio"] == 0.3
     assert not any(name.startswith("analysis/") for name in on_disk)  # this run had no analysis hook
     assert {name for name in old_files if name.startswith("analysis/")}  # ...the previous one had
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    return shutil.which("unshare") is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_mount_tmpfs(), reason="needs a private mount namespace (unshare -m) for a small disk"
+)
+def test_a_really_full_disk_leaves_the_previous_run_intact(
+    tmp_path: Path, tiny_dir: Path, finished_run: Path
+):
+    """A 32 MB tmpfs holds the previous run; a hook fills it after pruning, so the save meets ENOSPC."""
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    out = disk / "out"
+    hooks = [fault("after_prune", "fill", tmp_path, fill=str(disk / "filler"))]
+    config = write_config(tmp_path / "full.yaml", tiny_dir, out, output={"overwrite": True}, hooks=hooks)
+    script = (
+        f"mount -t tmpfs -o size=32m tmpfs {disk} && cp -a {finished_run} {out} && "
+        f"{sys.executable} {SCRIPT} --config {config} 2> {tmp_path / 'err'}; "
+        f"echo $? > {tmp_path / 'code'}; rm -f {disk / 'filler'}; cp -a {disk} {after}"
+    )
+    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, timeout=TIMEOUT_S, check=True)
+    line = one_error_line((tmp_path / "err").read_text())
+    assert (tmp_path / "code").read_text().strip() == "2"
+    assert "no space left on the device (ENOSPC)" in line and "nothing was published" in line
+    assert tree_digest(after / "out") == tree_digest(finished_run)
+    assert sorted(p.name for p in after.iterdir()) == ["out"]  # no staging directory, no lock left

@@ -12,6 +12,7 @@ from pruning.analysis.analyzer import ModelAnalyzer
 from pruning.analysis.comparator import ModelComparator
 from pruning.analysis.text_report import LABELS
 from pruning.cli_support import run_cli, setup_logging
+from pruning.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,14 +83,23 @@ def _analyse(args: argparse.Namespace) -> int:
     if not args.compare_with:
         original.print_report(verbose=args.verbose, lang=args.lang)
         if args.save_json:
-            print(f"saved: {original.save_report(args.save_json)}")
+            print(f"saved: {_save(original, args.save_json)}")
         return 0
     pruned = ModelAnalyzer(args.compare_with, args.compare_name, trust_pickle=args.trust_pickle)
     comparator = ModelComparator(original.analyze(), pruned.analyze(), original.model_name, pruned.model_name)
     comparator.print_report(verbose=args.verbose, lang=args.lang)
     if args.save_json:
-        print(f"saved: {comparator.save_report(args.save_json)}")
+        print(f"saved: {_save(comparator, args.save_json)}")
     return 0
+
+
+def _save(report_maker: ModelAnalyzer | ModelComparator, path: str) -> str:
+    """Write the JSON; a report the user's inputs make invalid (a "pruned" model larger than the
+    original has a negative reduction) is refused in one line, and nothing is written."""
+    try:
+        return str(report_maker.save_report(path))
+    except reports.ReportValidationError as e:
+        raise UserError(f"not saved: {e}") from e
 
 
 if __name__ == "__main__":  # pragma: no cover

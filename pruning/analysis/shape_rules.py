@@ -20,6 +20,51 @@ FAMILIES: dict[str, tuple[str, bool, bool, bool]] = {
 }
 
 
+LAYOUT_KEY = "pruning_layout"
+LAYOUT_VERSION = 1
+LAYOUT_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+_OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads")
+
+
+def check_layout(layout: Any, num_layers: int) -> None:
+    """The one parser of ``pruning_layout``: per-layer lists that a model of ``num_layers`` can take.
+
+    Raises ValueError naming what is wrong; callers add which file it came from.
+    """
+    if not isinstance(layout, Mapping):
+        raise ValueError(f"{LAYOUT_KEY} must be an object, got {type(layout).__name__}")
+    if layout.get("version") != LAYOUT_VERSION:
+        version = layout.get("version")
+        raise ValueError(f"{LAYOUT_KEY}: unsupported version {version!r} (expected {LAYOUT_VERSION})")
+    for key in LAYOUT_SIZES:
+        values = layout.get(key)
+        if (
+            not isinstance(values, list)
+            or len(values) != num_layers
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+        ):
+            raise ValueError(f"{LAYOUT_KEY}.{key} must be a list of {num_layers} non-negative integers")
+    pairs = zip(layout["num_attention_heads"], layout["num_key_value_heads"], strict=True)
+    for i, (heads, kv) in enumerate(pairs):
+        if (heads == 0) != (kv == 0) or (kv and heads % kv):
+            raise ValueError(f"{LAYOUT_KEY}: layer {i} has {heads} query heads for {kv} KV heads")
+
+
+def check_config_values(config: Mapping[str, Any]) -> None:
+    """The values the shape rules read are positive integers and the layout (if any) parses.
+
+    Raises ValueError naming the key.
+    """
+    for key in (*_SIZE_KEYS, *_OPTIONAL_SIZE_KEYS):
+        value = config.get(key)
+        optional = key in _OPTIONAL_SIZE_KEYS and value is None
+        if not optional and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"key {key!r} must be a positive integer, got {value!r}")
+    if config.get(LAYOUT_KEY):
+        check_layout(config[LAYOUT_KEY], config["num_hidden_layers"])
+
+
 def supports(config: Mapping[str, Any]) -> bool:
     return config.get("model_type") in FAMILIES
 

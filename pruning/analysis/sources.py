@@ -95,15 +95,7 @@ def inventory_from_config(path: str | Path) -> Inventory:
     if config_file.is_file():
         data = read_json_object(config_file)
         if shape_rules.supports(data):
-            for key in (
-                "hidden_size",
-                "num_attention_heads",
-                "num_hidden_layers",
-                "vocab_size",
-                "intermediate_size",
-            ):
-                if not isinstance(data.get(key), int) or data[key] <= 0:
-                    raise UserError(f"{config_file}: key {key!r} must be a positive integer")
+            _check_values(data, config_file)
             shapes = shape_rules.shapes_from_config(data)
             dtype = dtype_name(data.get("dtype") or data.get("torch_dtype") or "unknown")
             tied = "lm_head.weight" not in shapes
@@ -168,6 +160,7 @@ def inventory_from_safetensors(directory: Path, files: WeightFiles) -> Inventory
         for name, tensor in _pickled_state_dict(file).items():
             shapes[name] = tuple(tensor.shape)
             dtypes[dtype_name(tensor.dtype)] += 1
+    _check_complete(config, shapes, directory)
     embed = next((n for n in shapes if n.endswith("embed_tokens.weight")), None)
     tied = "lm_head.weight" not in shapes and embed is not None  # tied weights are stored once
     dtype = dtype_name(dtypes.most_common(1)[0][0]) if dtypes else "unknown"
@@ -191,10 +184,47 @@ def _plain_config(directory: Path) -> SimpleNamespace:
     if not config_file.is_file():
         raise UserError(f"{config_file}: missing (needed beside the safetensors files)")
     data = read_json_object(config_file)
-    for key in ("model_type", "hidden_size", "num_attention_heads"):
-        if key not in data:
-            raise UserError(f"{config_file}: missing key {key!r}")
+    if "model_type" not in data:
+        raise UserError(f"{config_file}: missing key 'model_type'")
+    if shape_rules.supports(data):
+        _check_values(data, config_file)
+    else:  # another family: only what the counting reads
+        for key in ("hidden_size", "num_attention_heads", "head_dim"):
+            value = data.get(key)
+            if (value is not None or key != "head_dim") and (not isinstance(value, int) or value <= 0):
+                raise UserError(f"{config_file}: key {key!r} must be a positive integer, got {value!r}")
     return SimpleNamespace(**data)
+
+
+def _check_values(data: dict[str, Any], config_file: Path) -> None:
+    try:
+        shape_rules.check_config_values(data)
+    except ValueError as e:
+        raise UserError(f"{config_file}: {e}") from e
+
+
+def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]], directory: Path) -> None:
+    """For a family whose shapes follow from config.json: no tensor the config implies is absent, and
+    with a ``pruning_layout`` each has the layout's shape. (Without a layout, shapes may differ: other
+    tools prune without recording how, and the weights are the truth the report counts.)"""
+    data = vars(config)
+    if not shape_rules.supports(data):
+        return
+    expected = shape_rules.shapes_from_config(data)
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(
+            f"{directory}: the weights lack {missing[0]}{more}, which config.json says the model has; "
+            "the checkpoint is incomplete"
+        )
+    if data.get(shape_rules.LAYOUT_KEY):
+        for name, shape in expected.items():
+            if shapes[name] != shape:
+                raise UserError(
+                    f"{directory}: {name} is stored as {list(shapes[name])}, but the pruning_layout in "
+                    f"config.json needs {list(shape)}"
+                )
 
 
 # -- GGUF --------------------------------------------------------------------------------------------
