@@ -27,6 +27,7 @@ DISK_ERRNOS = {
 # The ones no part of the run can work around: a hook hitting them fails the run whatever its on_error.
 SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _OS_ERROR_RE = re.compile(r"os error (\d+)")
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space in a path as \040
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -51,6 +52,19 @@ def disk_errno(error: BaseException) -> int | None:
             return code
         error = error.__cause__ or error.__context__
     return None
+
+
+def is_mount_point(path: Path) -> bool:
+    """Also true for a bind mount on the same filesystem, which ``os.path.ismount`` misses."""
+    if os.path.ismount(path):
+        return True
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            points = [line.split()[4] for line in f if len(line.split()) > 4]
+    except OSError:
+        return False  # not Linux: ismount is all there is
+    return any(_MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), p) == real for p in points)
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pruning.errors import UserError
-from pruning.fsutil import exchange, remove_listed, remove_tree
+from pruning.fsutil import exchange, is_mount_point, remove_listed, remove_tree
 from pruning.locking import OutputLock
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ RUN_RECORD = "run.json"
 PLAN_FILE = "plan.json"
 MANIFEST_KEY = "files"
 _STAGING, _PREVIOUS = "staging", "previous"
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # Room the staging name adds to output.dir's name (".", ".staging-", a pid, "-", 8 hex digits).
@@ -57,7 +59,9 @@ def _siblings(target: Path, kind: str) -> list[Path]:
     pattern = re.compile(rf"\.{re.escape(target.name)}\.{kind}-\d+-[0-9a-f]{{8}}")
     if not target.parent.is_dir():
         return []
-    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
+    return sorted(
+        p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -150,7 +154,7 @@ def check_output_dir(target: Path, overwrite: bool, model_path: str) -> dict[str
         return None
     if not target.is_dir():
         raise UserError(f"output.dir {target} exists and is not a directory")
-    if os.path.ismount(target):
+    if is_mount_point(target):
         raise UserError(
             f"output.dir {target} is a mount point; a run is published by renaming a directory beside it, "
             f"which cannot replace a mount point: use a directory inside it, such as {target / 'run'}"
@@ -255,26 +259,52 @@ class StagedRun:
         """Make the staged run the target's content: renames only, after one last check of the target.
 
         Ctrl-C and SIGTERM wait until the renames are done, so a run is published whole or not at all.
+        If the filesystem refuses the renames, the complete run is kept under a visible name instead.
         """
         with _signals_deferred():
             manifest = check_output_dir(self.target, self.overwrite, self.model_path)
-            if manifest is None:  # new or empty: rename replaces an empty directory atomically
-                os.rename(self.staging, self.target)
-                self.published = True
-                return
-            old = _sibling(self.target, _PREVIOUS)
-            if exchange(self.staging, self.target):
-                self.published = True
+            try:
+                replaced = self._swap_in(over_previous=manifest is not None)
+            except OSError as e:
+                reason = e.strerror or str(e)
+                raise UserError(
+                    f"output.dir {self.target}: could not publish ({reason}); {self._keep()}"
+                ) from e
+            self.published = True
+            if replaced is not None:
+                _clean_up(replaced, manifest)
+
+    def _swap_in(self, over_previous: bool) -> Path | None:
+        """The renames; returns where the replaced run now is (None if there was none).
+
+        Raises OSError only when nothing was published (the target is as it was).
+        """
+        if not over_previous:
+            os.rename(self.staging, self.target)  # replaces an empty directory atomically
+            return None
+        old = _sibling(self.target, _PREVIOUS)
+        if exchange(self.staging, self.target):
+            try:
                 os.rename(self.staging, old)  # the swap left the previous run under the staging name
-            else:
-                os.rename(self.target, old)  # a crash before the next rename: see _recover
-                try:
-                    os.rename(self.staging, self.target)
-                except BaseException:
-                    os.rename(old, self.target)
-                    raise
-                self.published = True
-            _remove_previous(old, manifest)
+            except OSError:
+                return self.staging  # cleaned by its manifest now, or by the next run
+            return old
+        os.rename(self.target, old)  # a crash before the next rename: see _recover
+        try:
+            os.rename(self.staging, self.target)
+        except BaseException:
+            os.rename(old, self.target)
+            raise
+        return old
+
+    def _keep(self) -> str:
+        """Move the complete, unpublished run to a name no run of this tool ever deletes."""
+        kept = self.target.parent / f"{self.target.name}.unpublished-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.staging, kept)
+        except OSError:
+            return f"the complete run stays in {self.staging} until the next run into {self.target}"
+        return f"the complete run is kept in {kept}"
 
     def _make_parents(self) -> None:
         missing = []
@@ -288,12 +318,15 @@ class StagedRun:
 
     def _recover(self) -> None:
         """Finish what a killed run left beside the target (we hold the lock, so nobody else is running)."""
-        for previous in _siblings(self.target, _PREVIOUS):
-            if not self.target.exists() and not previous.is_symlink():
-                os.rename(previous, self.target)
-                logger.warning("restored %s from an interrupted publish (%s)", self.target, previous.name)
-            elif read_manifest(self.target) is not None:  # replaced by a published run: finish removing it
-                _discard(previous, staged=False)
+        previous_runs = _siblings(self.target, _PREVIOUS)
+        restorable = [p for p in previous_runs if _holds_run(p)]
+        if not self.target.exists() and len(restorable) == 1:  # killed between the fallback's renames
+            os.rename(restorable[0], self.target)
+            logger.warning("restored %s from an interrupted publish (%s)", self.target, restorable[0].name)
+            previous_runs.remove(restorable[0])
+        for previous in previous_runs:
+            if _holds_run(self.target):  # replaced by a published run: finish removing it
+                _clean_up(previous, None)
             else:
                 logger.warning("left %s alone: %s does not hold a published run", previous, self.target)
         for staging in _siblings(self.target, _STAGING):
@@ -303,8 +336,8 @@ class StagedRun:
     def _close(self) -> None:
         try:
             staging = getattr(self, "staging", None)
-            if staging is not None and staging.exists():
-                _discard(staging, staged=True)  # unpublished, or (a failed rename) the previous run
+            if not self.published and staging is not None and staging.exists():
+                _discard(staging, staged=True)
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -319,13 +352,24 @@ class StagedRun:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (they are delivered then)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers they had.
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the kernel
+    chose (torch starts many), so handlers that only take note defer the signal reliably; a thread
+    mask would not. Outside the main thread handlers cannot be set, and signals are not held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def _discard(directory: Path, staged: bool) -> None:
@@ -347,6 +391,24 @@ def _discard(directory: Path, staged: bool) -> None:
         remove_tree(directory)
     else:
         _remove_previous(directory, {})
+
+
+def _holds_run(directory: Path) -> bool:
+    try:
+        return read_manifest(directory) is not None
+    except UserError:
+        return False
+
+
+def _clean_up(old: Path, manifest: dict[str, int] | None) -> None:
+    """Remove a replaced run after publishing; a failure is a warning (the new run is already in place)."""
+    try:
+        if manifest is None:
+            _discard(old, staged=False)
+        else:
+            _remove_previous(old, manifest)
+    except OSError as e:
+        logger.warning("could not finish removing the replaced run in %s (%s); remove it yourself", old, e)
 
 
 def _remove_previous(old: Path, manifest: dict[str, int]) -> None:

@@ -66,14 +66,15 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
     check_supported(SimpleNamespace(model_type=config.get("model_type")))
     if config.get("pruning_layout"):
         raise UserError(f"{where}: the model is already pruned; prune the original model instead")
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{where}: config.json key {key!r} must be a positive integer, got {value!r}")
-    for key in ("head_dim", "num_key_value_heads", "max_position_embeddings"):
-        value = config.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise UserError(f"{where}: config.json key {key!r} must be a positive integer, got {value!r}")
+    try:
+        shape_rules.check_config_values(config)
+    except ValueError as e:
+        raise UserError(f"{where}: config.json {e}") from e
+    max_pos = config.get("max_position_embeddings")
+    if max_pos is not None and (not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos <= 0):
+        raise UserError(
+            f"{where}: config.json key 'max_position_embeddings' must be a positive integer, got {max_pos!r}"
+        )
     _parse_with_transformers(config, where)
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads

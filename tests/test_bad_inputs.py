@@ -258,8 +258,9 @@ def _edit_config(model: Path, **changes) -> None:
         ({"max_position_embeddings": "x"}, "key 'max_position_embeddings' must be a positive integer"),
         ({"rms_norm_eps": "x"}, "config.json is not a valid llama config: Validation error for field"),
         ({"num_hidden_layers": 2}, "the weights hold model.layers.2."),
+        ({"num_hidden_layers": 10**8}, "key 'num_hidden_layers' is 100,000,000; at most 10,000"),
     ],
-    ids=["head-dim", "max-positions", "strict-field", "fewer-layers-than-weights"],
+    ids=["head-dim", "max-positions", "strict-field", "fewer-layers-than-weights", "absurd-depth"],
 )
 def test_config_json_values(tmp_path: Path, tiny_dir: Path, capsys, changes: dict, needle: str):
     model = model_copy(tiny_dir, tmp_path)

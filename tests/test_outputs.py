@@ -271,3 +271,84 @@ def test_names_the_staging_directory_cannot_follow(tmp_path: Path):
         resolve_target(str(tmp_path / ("a" * 240)))
     assert resolve_target(".") == Path(os.getcwd())
     assert resolve_target(str(tmp_path / "x" / "..")) == tmp_path
+
+
+def test_a_symlink_named_like_our_staging_is_not_followed(tmp_path: Path):
+    """Anyone who can write beside output.dir could plant this; the run it points to must survive."""
+    important = finish_run(tmp_path / "home" / "important_run")
+    before = tree_digest(important)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / ".out.staging-1-abcdef12").symlink_to(important)
+    (shared / ".out.previous-1-abcdef12").symlink_to(important)
+    publish_new_run(shared / "out")
+    assert tree_digest(important) == before
+
+
+def test_a_failed_cleanup_after_publishing_is_a_warning(tmp_path: Path, monkeypatch, caplog):
+    target = finish_run(tmp_path / "out")
+
+    def denied(old: Path, manifest: dict) -> None:
+        raise PermissionError(13, "Permission denied", str(old))
+
+    monkeypatch.setattr(outputs, "_remove_previous", denied)
+    publish_new_run(target)  # published: the new run is in place whatever the old one's removal does
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert "could not finish removing the replaced run" in caplog.text
+    monkeypatch.undo()
+    publish_new_run(target, b"third")  # and the next run is not blocked by the leftover
+    assert siblings(target) == []
+
+
+def test_a_refused_rename_keeps_the_complete_run_visible(tmp_path: Path, monkeypatch):
+    import errno
+
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    monkeypatch.setattr(outputs, "exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def cross_device(src, dst):
+        if Path(src) == target:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(outputs.os, "rename", cross_device)
+    with pytest.raises(
+        UserError, match=r"could not publish \(Invalid cross-device link\); the complete run is kept"
+    ):
+        publish_new_run(target)
+    monkeypatch.undo()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.unpublished-")]
+    assert len(kept) == 1 and (kept[0] / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert tree_digest(target) == before
+    publish_new_run(target)  # a later run never deletes the kept copy
+    assert kept[0].is_dir()
+
+
+def test_only_a_whole_previous_run_is_restored(tmp_path: Path):
+    leftover = tmp_path / ".out.previous-5-abcdef12"
+    leftover.mkdir()
+    (leftover / "notes.txt").write_text("kept from an earlier publish")
+    publish_new_run(tmp_path / "out", overwrite=False)  # the user removed out/: start afresh
+    assert (tmp_path / "out" / "run.json").is_file() and (leftover / "notes.txt").is_file()
+
+
+def test_signals_are_held_while_other_threads_run():
+    """torch runs worker threads; the kernel may hand them the signal: it must still wait."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt), outputs._signals_deferred():
+            for _ in range(20):
+                os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signals")
+    finally:
+        stop.set()
+        worker.join()
+    assert reached == ["after the signals"]

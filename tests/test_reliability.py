@@ -305,8 +305,10 @@ def test_overwrite_replaces_the_previous_run_file_for_file(tmp_path: Path, tiny_
 
 
 def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
     probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
-    return shutil.which("unshare") is not None and probe.returncode == 0
+    return probe.returncode == 0
 
 
 @pytest.mark.skipif(
@@ -332,3 +334,16 @@ def test_a_really_full_disk_leaves_the_previous_run_intact(
     assert "no space left on the device (ENOSPC)" in line and "nothing was published" in line
     assert tree_digest(after / "out") == tree_digest(finished_run)
     assert sorted(p.name for p in after.iterdir()) == ["out"]  # no staging directory, no lock left
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a private mount namespace (unshare -m) for a mount")
+def test_a_bind_mounted_output_dir_is_refused_before_loading(tmp_path: Path, tiny_dir: Path):
+    """``os.path.ismount`` misses a bind mount on the same filesystem; a rename over it fails with EBUSY."""
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    config = write_config(tmp_path / "b.yaml", tiny_dir, out)
+    script = f"mount --bind {source} {out} && exec {sys.executable} {SCRIPT} --config {config}"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and f"output.dir {out} is a mount point" in one_error_line(result.stderr)
+    assert "Load model" not in result.stderr

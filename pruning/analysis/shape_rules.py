@@ -25,6 +25,7 @@ LAYOUT_VERSION = 1
 LAYOUT_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 _SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
 _OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads")
+MAX_LAYERS = 10_000  # the deepest published LLMs have a few hundred
 
 
 def check_layout(layout: Any, num_layers: int) -> None:
@@ -61,6 +62,10 @@ def check_config_values(config: Mapping[str, Any]) -> None:
         optional = key in _OPTIONAL_SIZE_KEYS and value is None
         if not optional and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"key {key!r} must be a positive integer, got {value!r}")
+    if config["num_hidden_layers"] > MAX_LAYERS:  # shapes are listed per layer: keep the list finite
+        raise ValueError(
+            f"key 'num_hidden_layers' is {config['num_hidden_layers']:,}; at most {MAX_LAYERS:,}"
+        )
     if config.get(LAYOUT_KEY):
         check_layout(config[LAYOUT_KEY], config["num_hidden_layers"])
 
