@@ -2,7 +2,7 @@
 
 ``prepare`` does every check that needs no weights; ``run_pipeline`` sequences the stages inside a
 ``StagedRun`` (locked output directory, private staging copy, published by renames only when the run
-is complete: see ``pruning.outputs``), times them and fires events.
+is complete: see ``pruning.staging``), times them and fires events.
 Data flows one way: config -> pipeline -> (model, plan) -> hooks.
 """
 
@@ -27,7 +27,6 @@ from pruning.outputs import (
     CHECKPOINT_SUBDIR,
     PLAN_FILE,
     RUN_RECORD,
-    StagedRun,
     build_manifest,
     check_output_dir,
     check_writable,
@@ -41,6 +40,7 @@ from pruning.preflight import (
     read_model_config,
 )
 from pruning.run_record import build_run_record, log_summary
+from pruning.staging import StagedRun
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,227 @@
+"""Staged runs: published whole by renames or not at all, recovered after a kill, no link followed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pruning import reports, staging
+from pruning.errors import UserError
+from pruning.outputs import resolve_target
+from tests.finished_runs import finish_run, publish_new_run, siblings, staged
+from tests.tiny_pipeline import tree_digest
+
+
+def test_new_directory_is_published_whole(tmp_path: Path):
+    target = tmp_path / "nested" / "out"
+    publish_new_run(target, overwrite=False)
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert reports.load(target / "run.json")["files"] == {"models/model.safetensors": 11}
+    assert siblings(target) == []  # no staging directory and no lock file left behind
+
+
+def test_nothing_appears_before_publish_and_a_failure_leaves_no_trace(tmp_path: Path):
+    target = tmp_path / "nested" / "out"
+    with pytest.raises(RuntimeError, match="hook failed"), staged(target, overwrite=False) as run:
+        (run.staging / "models").mkdir()
+        (run.staging / "models" / "model.safetensors").write_bytes(b"half")
+        assert not target.exists() and run.staging.parent == target.parent
+        raise RuntimeError("hook failed")
+    assert not (tmp_path / "nested").exists()  # the parents this run created are gone too
+
+
+def test_overwrite_replaces_exactly_the_previous_run(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    publish_new_run(target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == [
+        "models",
+        "models/model.safetensors",
+        "run.json",
+    ]
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert siblings(target) == []
+
+
+def test_previous_run_is_byte_for_byte_intact_until_publish(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    with pytest.raises(KeyboardInterrupt), staged(target) as run:
+        finish_run(run.staging, {"models/model.safetensors": b"new"}, tmp=tmp_path)
+        assert tree_digest(target) == before
+        raise KeyboardInterrupt
+    assert tree_digest(target) == before and siblings(target) == []
+
+
+def test_publish_without_an_atomic_swap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(staging, "exchange", lambda a, b: False)
+    target = finish_run(tmp_path / "out")
+    publish_new_run(target)
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert siblings(target) == []
+
+
+def test_a_publish_interrupted_between_two_renames_is_restored(tmp_path: Path):
+    """The fallback renames target -> .previous, then staging -> target; a crash between leaves no target."""
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    target.rename(tmp_path / ".out.previous-123-abcdef01")
+    (tmp_path / ".out.staging-123-abcdef01").mkdir()
+    (tmp_path / ".out.staging-123-abcdef01" / "half.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not empty"), staged(target, overwrite=False):
+        pass
+    assert tree_digest(target) == before and siblings(target) == []
+
+
+def test_an_interrupted_cleanup_of_the_previous_run_is_finished(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    old = finish_run(tmp_path / ".out.previous-9-ffffffff", {"plan.json": b"old"})
+    (old / "mine.txt").write_text("not the tool's")
+    publish_new_run(target)
+    assert [p.name for p in old.iterdir()] == ["mine.txt"]  # the listed files went; the stranger stayed
+
+
+def test_user_files_inside_run_directories_are_refused(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "my-llama").mkdir()
+    (target / "models" / "my-llama" / "config.json").write_text("{}")
+    (target / "models" / "my_notes.txt").write_text("notes")
+    before = tree_digest(target)
+    with pytest.raises(UserError) as info:
+        publish_new_run(target)
+    assert "models/my-llama/" in str(info.value) and "models/my_notes.txt" in str(info.value)
+    assert tree_digest(target) == before and (target / "models" / "my-llama").is_dir()
+
+
+def test_a_symlinked_target_is_followed_once_and_kept(tmp_path: Path):
+    real = finish_run(tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    target = resolve_target(str(link))
+    assert target == real.resolve()
+    publish_new_run(target)
+    assert link.is_symlink() and (link / "models" / "model.safetensors").read_bytes() == b"new weights"
+
+
+def test_a_file_added_during_the_swap_is_kept_by_this_run_and_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    target = finish_run(tmp_path / "out")
+    real_exchange = staging.exchange
+
+    def user_writes_then_swap(a: Path, b: Path) -> bool:
+        (target / "my_eval_notes.txt").write_text("mine")  # written while the run was finishing
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(staging, "exchange", user_writes_then_swap)
+    publish_new_run(target)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.previous-")]
+    assert len(kept) == 1 and [p.name for p in kept[0].iterdir()] == ["my_eval_notes.txt"]
+    assert "kept" in caplog.text and "my_eval_notes.txt" in caplog.text
+    monkeypatch.setattr(staging, "exchange", real_exchange)
+    publish_new_run(target, b"third")  # the next run finishes the cleanup by manifest: the note stays
+    assert (kept[0] / "my_eval_notes.txt").read_text() == "mine"
+
+
+def test_other_targets_siblings_are_not_ours(tmp_path: Path):
+    """A run into ``out`` must not touch what a run into ``out.staging-2`` keeps beside it."""
+    other = tmp_path / ".out.staging-2.staging-77-abcdef01"
+    other.mkdir()
+    (other / "weights").write_text("another run's")
+    (tmp_path / ".out.staging-2.lock").write_text("{}")
+    (tmp_path / ".out.previous-1").mkdir()  # not a name this tool makes
+    publish_new_run(tmp_path / "out")
+    assert (other / "weights").is_file() and (tmp_path / ".out.staging-2.lock").is_file()
+    assert (tmp_path / ".out.previous-1").is_dir()
+
+
+def test_ctrl_c_during_publish_waits_until_the_renames_are_done():
+    import signal
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt), staging._signals_deferred():  # delivered when the block ends
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the signal")
+    assert reached == ["after the signal"]
+
+
+def test_a_symlink_named_like_our_staging_is_not_followed(tmp_path: Path):
+    """Anyone who can write beside output.dir could plant this; the run it points to must survive."""
+    important = finish_run(tmp_path / "home" / "important_run")
+    before = tree_digest(important)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / ".out.staging-1-abcdef12").symlink_to(important)
+    (shared / ".out.previous-1-abcdef12").symlink_to(important)
+    publish_new_run(shared / "out")
+    assert tree_digest(important) == before
+
+
+def test_a_failed_cleanup_after_publishing_is_a_warning(tmp_path: Path, monkeypatch, caplog):
+    target = finish_run(tmp_path / "out")
+
+    def denied(old: Path, manifest: dict) -> None:
+        raise PermissionError(13, "Permission denied", str(old))
+
+    monkeypatch.setattr(staging, "_remove_previous", denied)
+    publish_new_run(target)  # published: the new run is in place whatever the old one's removal does
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert "could not finish removing the replaced run" in caplog.text
+    monkeypatch.undo()
+    publish_new_run(target, b"third")  # and the next run is not blocked by the leftover
+    assert siblings(target) == []
+
+
+def test_a_refused_rename_keeps_the_complete_run_visible(tmp_path: Path, monkeypatch):
+    import errno
+
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    monkeypatch.setattr(staging, "exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def cross_device(src, dst):
+        if Path(src) == target:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(staging.os, "rename", cross_device)
+    with pytest.raises(
+        UserError, match=r"could not publish \(Invalid cross-device link\); the complete run is kept"
+    ):
+        publish_new_run(target)
+    monkeypatch.undo()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.unpublished-")]
+    assert len(kept) == 1 and (kept[0] / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert tree_digest(target) == before
+    publish_new_run(target)  # a later run never deletes the kept copy
+    assert kept[0].is_dir()
+
+
+def test_only_a_whole_previous_run_is_restored(tmp_path: Path):
+    leftover = tmp_path / ".out.previous-5-abcdef12"
+    leftover.mkdir()
+    (leftover / "notes.txt").write_text("kept from an earlier publish")
+    publish_new_run(tmp_path / "out", overwrite=False)  # the user removed out/: start afresh
+    assert (tmp_path / "out" / "run.json").is_file() and (leftover / "notes.txt").is_file()
+
+
+def test_signals_are_held_while_other_threads_run():
+    """torch runs worker threads; the kernel may hand them the signal: it must still wait."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt), staging._signals_deferred():
+            for _ in range(20):
+                os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signals")
+    finally:
+        stop.set()
+        worker.join()
+    assert reached == ["after the signals"]
