@@ -120,7 +120,7 @@ def verify_saved(model: nn.Module, directory: Path) -> None:
             problems.append(
                 f"{name}: {info.dtype}{list(info.shape)} on disk, {tensor.dtype}{list(tensor.shape)}"
             )
-    saved_layout = json.loads((directory / "config.json").read_text()).get(LAYOUT_KEY)
+    saved_layout = read_json_object(directory / "config.json").get(LAYOUT_KEY)
     if saved_layout != pruned_layout(model):
         problems.append(f"config.json {LAYOUT_KEY} differs from the model's shapes")
     if problems:

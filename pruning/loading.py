@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pruning.analysis.shape_rules import shapes_from_config
+from pruning.analysis.shape_rules import compare_to_config, first_of
 from pruning.config import ModelConfig
 from pruning.errors import UserError
 from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
@@ -56,31 +56,20 @@ def check_source_weights(
         stored = stored_tensors(files)
     except UserError as e:
         raise UserError(f"model.path: {e}") from e
-    expected = shapes_from_config(config)
-    missing = sorted(set(expected) - set(stored))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    diff = compare_to_config(config, {name: info.shape for name, info in stored.items()})
+    if diff.missing:
         raise UserError(
-            f"model.path: {directory}: the weights lack {missing[0]}{more}, which config.json needs"
+            f"model.path: {directory}: the weights lack {first_of(diff.missing)}, which config.json needs"
         )
-    for name, shape in expected.items():
-        if stored[name].shape != shape:
-            raise UserError(
-                f"model.path: {directory}: {name} is stored as {list(stored[name].shape)}, config.json "
-                f"needs {list(shape)}"
-            )
-    unexpected = sorted(name for name in set(stored) - set(expected) if not _harmless_extra(name, config))
-    if unexpected:  # transformers would drop them: a config with fewer layers than the weights, say
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+    if diff.mismatched:
+        name, shape, needed = diff.mismatched[0]
         raise UserError(
-            f"model.path: {directory}: the weights hold {unexpected[0]}{more}, which config.json lacks"
+            f"model.path: {directory}: {name} is stored as {list(shape)}, config.json needs {list(needed)}"
         )
-
-
-def _harmless_extra(name: str, config: dict[str, Any]) -> bool:
-    """Stored tensors transformers ignores by design: a tied lm_head's copy, old rotary buffers."""
-    tied_copy = name == "lm_head.weight" and config.get("tie_word_embeddings", False)
-    return tied_copy or name.endswith("rotary_emb.inv_freq")
+    if diff.unexpected:  # transformers would drop them: a config with fewer layers than the weights, say
+        raise UserError(
+            f"model.path: {directory}: the weights hold {first_of(diff.unexpected)}, which config.json lacks"
+        )
 
 
 def pick_device(name: str) -> str:

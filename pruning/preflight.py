@@ -77,8 +77,8 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
         )
     _parse_with_transformers(config, where)
     heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    if not isinstance(kv, int) or kv <= 0 or heads % kv:
+    kv = config.get("num_key_value_heads") or heads  # a positive integer: check_config_values saw to it
+    if heads % kv:
         raise UserError(
             f"{where}: config.json has {heads} attention heads for {kv!r} KV heads; the heads must divide "
             "into KV groups of equal size (num_attention_heads a multiple of num_key_value_heads)"
@@ -94,14 +94,13 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
         sizes.get(f"{layer0}mlp.{p}_proj.{kind}", 0) for p in ("gate", "up") for kind in ("weight", "bias")
     )
     per_channel += sizes[f"{layer0}mlp.down_proj.weight"]
-    max_pos = config.get("max_position_embeddings")
     return ModelFacts(
         config=config,
         num_layers=config["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=kv,
         intermediate_size=config["intermediate_size"],
-        max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
+        max_position_embeddings=max_pos,
         total_params=sum(sizes.values()),
         layer_params=sum(n for name, n in sizes.items() if name.startswith("model.layers.")),
         kv_group_cost=per_group // kv,

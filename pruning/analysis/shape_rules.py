@@ -9,6 +9,7 @@ KV heads, intermediate size; 0 = block removed, its norm removed with it) is hon
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 # model_type -> (class-name prefix, q/k/v bias default, o bias default, has per-head q/k norms)
@@ -68,6 +69,36 @@ def check_config_values(config: Mapping[str, Any]) -> None:
         )
     if config.get(LAYOUT_KEY):
         check_layout(config[LAYOUT_KEY], config["num_hidden_layers"])
+
+
+@dataclass(frozen=True)
+class StoredVsConfig:
+    """How stored tensor shapes differ from what ``config.json`` implies (names sorted)."""
+
+    missing: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (name, stored, expected)
+    unexpected: list[str]
+
+
+def compare_to_config(config: Mapping[str, Any], stored: Mapping[str, tuple[int, ...]]) -> StoredVsConfig:
+    """Stored shapes against the config's; extras transformers ignores by design (a tied lm_head's
+    copy, old rotary buffers) are not counted as unexpected."""
+    expected = shapes_from_config(config)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return StoredVsConfig(
+        missing=sorted(set(expected) - set(stored)),
+        mismatched=[(n, stored[n], s) for n, s in sorted(expected.items()) if n in stored and stored[n] != s],
+        unexpected=sorted(
+            n
+            for n in set(stored) - set(expected)
+            if not (n == "lm_head.weight" and tied) and not n.endswith("rotary_emb.inv_freq")
+        ),
+    )
+
+
+def first_of(names: list[str]) -> str:
+    """``a`` or ``a and 3 more``: one name for a one-line error."""
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def supports(config: Mapping[str, Any]) -> bool:

@@ -210,21 +210,18 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
     data = vars(config)
     if not shape_rules.supports(data):
         return
-    expected = shape_rules.shapes_from_config(data)
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    diff = shape_rules.compare_to_config(data, shapes)
+    if diff.missing:
         raise UserError(
-            f"{directory}: the weights lack {missing[0]}{more}, which config.json says the model has; "
-            "the checkpoint is incomplete"
+            f"{directory}: the weights lack {shape_rules.first_of(diff.missing)}, which config.json says "
+            "the model has; the checkpoint is incomplete"
         )
-    if data.get(shape_rules.LAYOUT_KEY):
-        for name, shape in expected.items():
-            if shapes[name] != shape:
-                raise UserError(
-                    f"{directory}: {name} is stored as {list(shapes[name])}, but the pruning_layout in "
-                    f"config.json needs {list(shape)}"
-                )
+    if data.get(shape_rules.LAYOUT_KEY) and diff.mismatched:
+        name, shape, needed = diff.mismatched[0]
+        raise UserError(
+            f"{directory}: {name} is stored as {list(shape)}, but the pruning_layout in "
+            f"config.json needs {list(needed)}"
+        )
 
 
 # -- GGUF --------------------------------------------------------------------------------------------
