@@ -1,4 +1,4 @@
-"""Global structured pruning for Llama-family LLMs, with exact reports of what was removed."""
+"""Global structured pruning for decoder LLMs (the families in pruning.families), with exact reports."""
 
 from __future__ import annotations
 

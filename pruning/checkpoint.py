@@ -1,10 +1,10 @@
 """Save and load pruned models: safetensors weights plus per-layer shapes in ``config.json``.
 
 A pruned layer has its own head count and intermediate size, which a stock config cannot express, so
-``config.json`` keeps the dense top-level values and adds ``pruning_layout`` (see
-``pruning.surgery.pruned_layout``): per-layer lists of ``num_attention_heads``, ``num_key_value_heads``
-and ``intermediate_size``, 0 meaning the block (and the norm feeding it) was removed. Loading builds the
-stock architecture on the ``meta`` device, reshapes it to the layout and assigns the stored tensors, so
+``config.json`` keeps the dense top-level values and adds ``pruning_layout`` (``pruning.families.layout``):
+per-layer lists of ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size``, 0 meaning
+the block (and the norms serving it) was removed. Loading builds the stock architecture on the ``meta``
+device, shrinks it to the layout with the same slicing surgery uses, and assigns the stored tensors, so
 the dense size is never allocated. Pickles are never loaded unless the caller says it trusts the file.
 """
 
@@ -25,13 +25,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from pruning.analysis.shape_rules import LAYOUT_KEY, check_layout
-from pruning.architectures import check_supported, decoder_layers, head_dim_of
 from pruning.errors import UserError
+from pruning.families import adapter_for
+from pruning.families.layout import LAYOUT_KEY, Layout
 from pruning.fsutil import current_umask
 from pruning.jsonio import read_json_object
-from pruning.modules import ZeroAttention, ZeroMLP
-from pruning.surgery import pruned_layout
+from pruning.surgery import pruned_layout, resize_to_layout
 from pruning.weight_files import (
     PICKLE_SUFFIXES,
     WeightFiles,
@@ -72,7 +71,9 @@ def save_pruned_model(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())
-        config[LAYOUT_KEY] = pruned_layout(model)  # fresh from the weights, even if config had an old one
+        config[LAYOUT_KEY] = pruned_layout(
+            model
+        ).to_json()  # fresh from the weights, even if config had an old one
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -121,7 +122,7 @@ def verify_saved(model: nn.Module, directory: Path) -> None:
                 f"{name}: {info.dtype}{list(info.shape)} on disk, {tensor.dtype}{list(tensor.shape)}"
             )
     saved_layout = read_json_object(directory / "config.json").get(LAYOUT_KEY)
-    if saved_layout != pruned_layout(model):
+    if saved_layout != pruned_layout(model).to_json():
         problems.append(f"config.json {LAYOUT_KEY} differs from the model's shapes")
     if problems:
         raise RuntimeError(f"saved checkpoint differs from the model in memory: {problems[:5]}")
@@ -138,39 +139,6 @@ def _as_config(config: Mapping[str, Any] | PretrainedConfig) -> PretrainedConfig
     if model_type not in CONFIG_MAPPING:
         raise UserError(f"config has unknown model_type {model_type!r}")
     return CONFIG_MAPPING[model_type].from_dict(dict(config))
-
-
-def _meta_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    """An empty Linear of the new shape, with the same bias presence and dtype as ``old``."""
-    return nn.Linear(
-        in_features, out_features, bias=old.bias is not None, device="meta", dtype=old.weight.dtype
-    )
-
-
-def _reshape_layer(layer: nn.Module, idx: int, heads: int, kv: int, inter: int, head_dim: int) -> None:
-    """Resize one meta-device decoder layer to the layout's sizes (0 = block removed)."""
-    if kv == 0:
-        layer.self_attn = ZeroAttention(idx, head_dim)
-        layer.input_layernorm = nn.Identity()
-    else:
-        attn = layer.self_attn
-        hidden = attn.q_proj.in_features
-        attn.q_proj = _meta_linear(attn.q_proj, hidden, heads * head_dim)
-        attn.k_proj = _meta_linear(attn.k_proj, hidden, kv * head_dim)
-        attn.v_proj = _meta_linear(attn.v_proj, hidden, kv * head_dim)
-        attn.o_proj = _meta_linear(attn.o_proj, heads * head_dim, attn.o_proj.out_features)
-        attn.num_key_value_groups = heads // kv
-    if inter == 0:
-        layer.mlp = ZeroMLP()
-        layer.post_attention_layernorm = nn.Identity()
-    else:
-        mlp = layer.mlp
-        hidden = mlp.gate_proj.in_features
-        mlp.gate_proj = _meta_linear(mlp.gate_proj, hidden, inter)
-        mlp.up_proj = _meta_linear(mlp.up_proj, hidden, inter)
-        mlp.down_proj = _meta_linear(mlp.down_proj, inter, mlp.down_proj.out_features)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
 
 
 def _materialize(model: nn.Module, device: str | torch.device) -> None:
@@ -196,22 +164,16 @@ def build_pruned_skeleton(
     stock model is returned. With another ``device`` the weights get uninitialized storage there.
     """
     config = _as_config(config)
-    check_supported(config)
+    adapter_for(config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-    layout = getattr(config, LAYOUT_KEY, None)
-    if layout:
-        layers = decoder_layers(model)
+    data = getattr(config, LAYOUT_KEY, None)
+    if data:
         try:
-            check_layout(layout, len(layers))
+            resize_to_layout(model, Layout.parse(data, int(config.num_hidden_layers)))
         except ValueError as e:
-            raise UserError(str(e)) from e
-        head_dim = head_dim_of(config)
-        keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-        sizes = zip(*(layout[key] for key in keys), strict=True)
-        for idx, (layer, (heads, kv, inter)) in enumerate(zip(layers, sizes, strict=True)):
-            _reshape_layer(layer, idx, heads, kv, inter, head_dim)
+            raise UserError(f"config.json: {e}") from e
     model.tie_weights()  # from_config under init_empty_weights leaves tied embeddings untied
     if str(device) != "meta":
         _materialize(model, device)

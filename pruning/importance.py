@@ -1,20 +1,22 @@
 """Importance criteria: how much each KV group and MLP channel of every decoder layer is worth.
 
-Every criterion reduces to a per-weight importance for the seven Linear layers of a decoder layer
-(and their biases); ``layer_structure_scores`` sums that importance over the weights each structure
-owns, once for all criteria, so a structure's score scales with its size and the planner can divide
-by its parameter cost. Scores go out as ``StructureScores``; the planner never sees a criterion.
+Every criterion reduces to a per-weight importance for the Linears whose entries structures own (the
+family adapter's ``OwnedSlice``s, fused projections included); ``layer_structure_scores`` sums that
+importance over the entries each structure owns, once for all criteria, so a structure's score scales
+with its size and the planner can divide by its parameter cost. Scores go out as ``StructureScores``;
+the planner never sees a criterion.
 
-Criteria, measured on SmolLM2-135M (see docs/DESIGN.md): magnitude alone is useless; activation-weighted
-|W| x ||X|| (Wanda-sp / FLAP style) is far better. Activation statistics are per-Linear vectors of input
-sums of squares, never stored activations, collected by ``InputNormCollector``, which can be attached
-to one layer at a time when calibration later runs layer by layer on models too big for one forward.
+Criteria, measured on SmolLM2-135M (README, "Measured figures"): magnitude alone is useless;
+activation-weighted scores are far better; how they read families with post-norms is in
+docs/families.md. Activation statistics are per-module vectors of input sums of squares, never stored
+activations, collected by ``InputNormCollector``, which can be attached to one layer at a time when
+calibration later runs layer by layer on models too big for one forward.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -22,25 +24,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning.architectures import decoder_layers, head_dim_of, layer_geometry
 from pruning.errors import UserError
 from pruning.evaluation import input_device
+from pruning.families import KINDS, FamilyAdapter, OwnedSlice, adapter_for
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_PROJS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-# Structures own output rows of these (and their bias entries) ...
-ROW_PROJS: frozenset[str] = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
-# ... and input columns of these (their bias belongs to the residual stream, to no structure).
-COLUMN_PROJS: frozenset[str] = frozenset({"o_proj", "down_proj"})
 # InputNormCollector's key for a decoder layer's own input: the residual stream.
 RESIDUAL = "residual"
 
 # Per-weight importance of one Linear: shaped like its weight, and like its bias (None without bias).
 Importance = tuple[torch.Tensor, torch.Tensor | None]
-# (layer index, projection name, module) -> Importance, or None when the criterion ignores that Linear
-WeightImportance = Callable[[int, str, nn.Linear], Importance | None]
+# (layer index, the entries structures own in it, the Linear) -> Importance, or None to ignore that Linear
+WeightImportance = Callable[[int, OwnedSlice, nn.Linear], Importance | None]
 
 
 @dataclass
@@ -63,66 +59,66 @@ class ImportanceCriterion(Protocol):
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores: ...
 
 
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The prunable Linear modules a layer still has, by projection name (none of a Zero* block)."""
-    found: dict[str, nn.Linear] = {}
-    for block, names in ((layer.self_attn, ATTENTION_PROJS), (layer.mlp, MLP_PROJS)):
-        for name in names:
-            module = getattr(block, name, None)
-            if isinstance(module, nn.Linear):
-                found[name] = module
-    return found
-
-
-def _sum_per_structure(values: torch.Tensor, num_structures: int) -> torch.Tensor:
-    """Split a 1-D vector into ``num_structures`` equal consecutive slices and sum each."""
-    return values.reshape(num_structures, -1).sum(dim=1)
+def owned_linears(
+    adapter: FamilyAdapter, layer: nn.Module, head_dim: int
+) -> list[tuple[OwnedSlice, nn.Linear]]:
+    """Every Linear whose entries the layer's structures own, with its declaration (none of a Zero* block)."""
+    geometry = adapter.geometry(layer, head_dim)
+    return [
+        (owned, layer.get_submodule(owned.path))
+        for kind in KINDS
+        if geometry.count(kind)
+        for owned in adapter.owned_slices(kind, geometry)
+    ]
 
 
 def layer_structure_scores(
-    layer: nn.Module, layer_idx: int, head_dim: int, importance: WeightImportance
+    adapter: FamilyAdapter, layer: nn.Module, layer_idx: int, head_dim: int, importance: WeightImportance
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum per-weight importance over each KV group and each MLP channel of one layer.
 
-    KV group g owns q rows of query heads g*G..(g+1)*G-1, k/v rows of KV head g and the matching o_proj
-    columns: consecutive slices of equal size, because transformers' ``repeat_kv`` gives query head h
-    the KV head h // G. Channel j owns gate/up row j and down column j. Only one Linear's importance
-    tensor is alive at a time.
+    Rows (with their bias entries) or columns are first summed per entry along the owned axis, then per
+    structure over its segments. Only one Linear's importance tensor is alive at a time.
     """
-    geom = layer_geometry(layer, head_dim)
-    if geom.num_kv_heads and geom.num_heads % geom.num_kv_heads:
+    geometry = adapter.geometry(layer, head_dim)
+    if geometry.num_kv_heads and geometry.num_heads % geometry.num_kv_heads:
         raise ValueError(
-            f"layer {layer_idx}: {geom.num_heads} query heads do not split into {geom.num_kv_heads} KV groups"
+            f"layer {layer_idx}: {geometry.num_heads} query heads do not split into "
+            f"{geometry.num_kv_heads} KV groups"
         )
-    attention = torch.zeros(geom.num_kv_heads, dtype=torch.float32)
-    mlp = torch.zeros(geom.intermediate_size, dtype=torch.float32)
-    for name, linear in layer_linears(layer).items():
-        target = attention if name in ATTENTION_PROJS else mlp
-        if target.numel() == 0:
-            continue
-        result = importance(layer_idx, name, linear)
-        if result is None:
-            continue
-        weight_imp, bias_imp = result
-        if name in ROW_PROJS:
-            per_unit = weight_imp.float().sum(dim=1)
-            if bias_imp is not None:
-                per_unit = per_unit + bias_imp.float()
-        else:
-            per_unit = weight_imp.float().sum(dim=0)
-        target += _sum_per_structure(per_unit, target.numel()).cpu()
-        del weight_imp, bias_imp
-    return attention, mlp
+    scores = []
+    for kind in KINDS:
+        count = geometry.count(kind)
+        total = torch.zeros(count, dtype=torch.float32)
+        for owned in adapter.owned_slices(kind, geometry) if count else ():
+            linear = layer.get_submodule(owned.path)
+            result = importance(layer_idx, owned, linear)
+            if result is None:
+                continue
+            weight_imp, bias_imp = result
+            if owned.axis == 0:
+                per_entry = weight_imp.float().sum(dim=1)
+                if bias_imp is not None:
+                    per_entry = per_entry + bias_imp.float()
+            else:
+                per_entry = weight_imp.float().sum(dim=0)
+            for seg in owned.segments:
+                part = per_entry[seg.offset : seg.offset + count * seg.width]
+                total += part.reshape(count, seg.width).sum(dim=1).cpu()
+            del weight_imp, bias_imp, per_entry
+        scores.append(total)
+    return scores[0], scores[1]
 
 
 def score_layers(
     model: nn.Module, importance: WeightImportance, common_scale: bool = False
 ) -> StructureScores:
     """``layer_structure_scores`` for every decoder layer of the model."""
-    head_dim = head_dim_of(model.config)
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
     attention, mlp = [], []
-    for idx, layer in enumerate(decoder_layers(model)):
-        a, m = layer_structure_scores(layer, idx, head_dim, importance)
+    for idx, layer in enumerate(adapter.decoder_layers(model)):
+        a, m = layer_structure_scores(adapter, layer, idx, head_dim, importance)
         attention.append(a)
         mlp.append(m)
     return StructureScores(attention=attention, mlp=mlp, common_scale=common_scale)
@@ -138,10 +134,10 @@ def _batches(windows: torch.LongTensor, batch_size: int, desc: str) -> Iterator[
 
 
 class InputNormCollector:
-    """Accumulates, per prunable Linear, the sum of squares of each input feature over all tokens.
+    """Accumulates, per watched module, the sum of squares of each input feature over all tokens.
 
     Attach it to any subset of layers (all at once, or one at a time for layer-by-layer calibration);
-    it keeps one vector per Linear, never activations.
+    it keeps one vector per module, never activations.
     """
 
     def __init__(self) -> None:
@@ -149,14 +145,12 @@ class InputNormCollector:
         self.rows: dict[tuple[int, str], int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def attach(self, layer_idx: int, layer: nn.Module, names: frozenset[str] | None = None) -> None:
-        """Watch the layer's Linears (only ``names`` when given), and the layer's own input (the
-        residual stream, key "residual")."""
-        for name, linear in layer_linears(layer).items():
-            if names is not None and name not in names:
-                continue
-            hook = self._make_hook((layer_idx, name))
-            self._handles.append(linear.register_forward_pre_hook(hook, with_kwargs=True))
+    def attach(self, layer_idx: int, layer: nn.Module, paths: Iterable[str]) -> None:
+        """Watch the inputs of the layer's submodules at ``paths`` (key ``(layer_idx, path)``), and the
+        layer's own input, the residual stream (key ``(layer_idx, "residual")``)."""
+        for path in paths:
+            hook = self._make_hook((layer_idx, path))
+            self._handles.append(layer.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
         hook = self._make_hook((layer_idx, RESIDUAL))
         self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -196,13 +190,19 @@ class InputNormCollector:
 class ActivationCriterion:
     """How much of the residual stream a structure writes, relative to the stream at that layer.
 
-    A KV group writes through its o_proj columns, a channel through its down_proj column; removing it
-    takes away ``sum_j ||W[:, j]||^2 * E[x_j^2]`` of energy (x_j: the column's input over calibration
-    tokens; cross terms ignored). Dividing by the residual stream's typical energy at the layer's input
-    makes the score a share of what flows at that depth, comparable across layers and between attention
-    and MLP, so one global ranking needs no per-type or per-layer rescaling. "Typical" is the median
-    per-dimension energy times the width: a few "massive activation" dimensions dominate the stream's
-    norm from the middle layers on and would make those layers look cheap.
+    A structure writes through the input columns it owns of its block's output projection (o_proj for
+    a KV group, down_proj for a channel); removing it takes away ``sum_j ||W[:, j]||^2 * E[x_j^2]`` of
+    energy (x_j: the column's input over calibration tokens; cross terms ignored). Dividing by the
+    residual stream's typical energy at the layer's input makes the score a share of what flows at that
+    depth, comparable across layers and between attention and MLP, so one global ranking needs no
+    per-type or per-layer rescaling. "Typical" is the median per-dimension energy times the width: a few
+    "massive activation" dimensions dominate the stream's norm from the middle layers on and would make
+    those layers look cheap.
+
+    Where a norm sits between the output projection and the residual stream (Gemma's post-norms), what
+    reaches the stream is ``gain * y / rms(y)`` of the block output ``y``, so output row ``i`` is weighted
+    by ``gain_i^2 / E[mean(y^2)]``. This is first order: removing a structure also changes ``rms(y)``,
+    which rescales what the block's other structures write; the score ignores that renormalisation.
 
     Measured on SmolLM2-135M, 20% of all parameters, WikiText-2 test, first 8,192 tokens in 512-token
     windows (dense perplexity 36.0), 32 calibration windows of 256 tokens: this form 89.6; dividing by
@@ -216,12 +216,15 @@ class ActivationCriterion:
     batch_size: int = 1
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
+        adapter = adapter_for(model.config)
+        head_dim = adapter.head_dim(model.config)
+        layers = adapter.decoder_layers(model)
         collector = InputNormCollector()
         device, was_training = input_device(model), model.training
         model.eval()
         try:
-            for idx, layer in enumerate(decoder_layers(model)):
-                collector.attach(idx, layer, names=COLUMN_PROJS)  # the only inputs the score reads
+            for idx, layer in enumerate(layers):
+                collector.attach(idx, layer, _read_inputs(adapter, layer, head_dim))
             with torch.no_grad():
                 for batch in _batches(windows, self.batch_size, "activation statistics"):
                     model(input_ids=batch.to(device), use_cache=False)
@@ -229,15 +232,36 @@ class ActivationCriterion:
             collector.detach()
             model.train(was_training)
 
-        def importance(layer_idx: int, name: str, linear: nn.Linear) -> Importance | None:
-            if name not in COLUMN_PROJS:
+        def importance(layer_idx: int, owned: OwnedSlice, linear: nn.Linear) -> Importance | None:
+            if owned.axis != 1:  # only what a structure writes into the stream counts
                 return None
             residual_per_dim = collector.mean_square(layer_idx, RESIDUAL)
             residual = float(residual_per_dim.median()) * residual_per_dim.numel()
-            mean_sq = collector.mean_square(layer_idx, name).to(linear.weight.device)
-            return linear.weight.detach().float().pow(2) * (mean_sq / residual)[None, :], None
+            mean_sq = collector.mean_square(layer_idx, owned.path).to(linear.weight.device)
+            energy = linear.weight.detach().float().pow(2) * (mean_sq / residual)[None, :]
+            norm_path = adapter.output_norm(adapter.block_of(owned.path))
+            if norm_path is not None:
+                gain = adapter.norm_gain(layers[layer_idx].get_submodule(norm_path)).pow(2)
+                block_out = float(collector.mean_square(layer_idx, norm_path).mean())
+                energy = energy * (gain.to(energy.device) / block_out)[:, None]
+            return energy, None
 
         return score_layers(model, importance, common_scale=True)
+
+
+def _read_inputs(adapter: FamilyAdapter, layer: nn.Module, head_dim: int) -> list[str]:
+    """The modules whose inputs the activation score reads: the output projections structures own
+    columns of, and any norm between such a projection and the residual stream."""
+    geometry = adapter.geometry(layer, head_dim)
+    paths: list[str] = []
+    for kind in KINDS:
+        if not geometry.count(kind):
+            continue
+        paths += [owned.path for owned in adapter.owned_slices(kind, geometry) if owned.axis == 1]
+        norm = adapter.output_norm(kind)
+        if norm is not None:
+            paths.append(norm)
+    return paths
 
 
 @dataclass
@@ -255,11 +279,13 @@ class TaylorCriterion:
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
         all_params = list(model.parameters())
         saved = [(p, p.requires_grad, p.grad) for p in all_params]
+        adapter = adapter_for(model.config)
+        head_dim = adapter.head_dim(model.config)
         scored = [
             p
-            for layer in decoder_layers(model)
-            for lin in layer_linears(layer).values()
-            for p in lin.parameters()
+            for layer in adapter.decoder_layers(model)
+            for _, linear in owned_linears(adapter, layer, head_dim)
+            for p in linear.parameters()
         ]
         device, was_training = input_device(model), model.training
         model.eval()  # no dropout; gradients still flow
@@ -283,7 +309,7 @@ class TaylorCriterion:
             model.train(was_training)
 
 
-def _taylor_importance(layer_idx: int, name: str, linear: nn.Linear) -> Importance:
+def _taylor_importance(layer_idx: int, owned: OwnedSlice, linear: nn.Linear) -> Importance:
     def one(p: torch.Tensor) -> torch.Tensor:
         if p.grad is None:
             return torch.zeros_like(p, dtype=torch.float32)
@@ -294,13 +320,13 @@ def _taylor_importance(layer_idx: int, name: str, linear: nn.Linear) -> Importan
 
 @dataclass
 class MagnitudeCriterion:
-    """sum |W| over a structure's weights. Needs no data; a baseline, useless on its own (DESIGN.md)."""
+    """sum |W| over a structure's weights. Needs no data; a baseline, useless on its own (README)."""
 
     name: ClassVar[str] = "magnitude"
     needs_data: ClassVar[bool] = False
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None = None) -> StructureScores:
-        def importance(layer_idx: int, name: str, linear: nn.Linear) -> Importance:
+        def importance(layer_idx: int, owned: OwnedSlice, linear: nn.Linear) -> Importance:
             bias = linear.bias.detach().float().abs() if linear.bias is not None else None
             return linear.weight.detach().float().abs(), bias
 

@@ -106,7 +106,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pruning.architectures import check_supported
+    from pruning.families import check_supported
     from pruning.preflight import read_model_config
 
     if not Path(path).exists() and looks_like_hub_id(path):

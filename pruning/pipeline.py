@@ -185,8 +185,8 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
 
 def _count(model: object) -> tuple[int, int]:
     """(all parameters, decoder-layer parameters)."""
-    from pruning.architectures import decoder_layers
+    from pruning.families import adapter_for
 
     return sum(p.numel() for p in model.parameters()), sum(
-        p.numel() for p in decoder_layers(model).parameters()
+        p.numel() for p in adapter_for(model.config).decoder_layers(model).parameters()
     )

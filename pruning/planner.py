@@ -3,7 +3,8 @@
 Steps, each a small function so that allocation by measured sensitivity can later replace the ranking
 without touching costs or the plan format:
 
-1. ``layer_costs``: parameters each structure owns, read from module shapes (pruned layers differ).
+1. ``FamilyAdapter.costs``: parameters each structure owns, read from module shapes (pruned layers
+   differ), and what goes with a block's last structure.
 2. ``normalized_candidates``: score / cost (importance per parameter), divided by the median of its
    type over all layers. Attention and MLP scores live on different scales (different inputs, sizes
    and criteria); the median makes each type's typical structure worth 1, so they compete fairly.
@@ -21,33 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.architectures import decoder_layers, head_dim_of, layer_geometry
 from pruning.errors import UserError
+from pruning.families import ATTENTION, MLP, adapter_for
+from pruning.families.base import LayerCosts
 from pruning.importance import StructureScores
 from pruning.plan import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
 
-ATTENTION = "attention"
-MLP = "mlp"
 RATIO_OF = ("total", "layers")
-
-
-@dataclass(frozen=True)
-class LayerCosts:
-    """How many structures a layer has and how many parameters removing one of each kind frees."""
-
-    num_kv_groups: int
-    num_channels: int
-    kv_group_cost: int
-    channel_cost: int
-    # The norm feeding a block goes with its last structure (surgery replaces it by Identity).
-    attention_norm_cost: int = 0
-    mlp_norm_cost: int = 0
-
-    def block_cost(self, kind: str) -> int:
-        """Parameters freed by the norm when the last structure of this kind goes."""
-        return self.attention_norm_cost if kind == ATTENTION else self.mlp_norm_cost
 
 
 @dataclass(frozen=True)
@@ -59,44 +42,6 @@ class Candidate:
     kind: str
     index: int
     cost: int
-
-
-def _rows_cost(linear: nn.Linear | None, parts: int) -> int:
-    """Parameters in 1/parts of a Linear's output rows (weight rows plus their bias entries)."""
-    if linear is None or parts == 0:
-        return 0
-    per_row = linear.in_features + (1 if linear.bias is not None else 0)
-    return linear.out_features // parts * per_row
-
-
-def _cols_cost(linear: nn.Linear | None, parts: int) -> int:
-    """Parameters in 1/parts of a Linear's input columns (its bias stays: it feeds the residual)."""
-    if linear is None or parts == 0:
-        return 0
-    return linear.in_features // parts * linear.out_features
-
-
-def layer_costs(layer: nn.Module, head_dim: int) -> LayerCosts:
-    """Cost of a KV group ((G*hd + 2*hd) * hidden + G*hd * hidden + biases) and of a channel (3*hidden)."""
-    geom = layer_geometry(layer, head_dim)
-    attn, mlp = layer.self_attn, layer.mlp
-    k, c = geom.num_kv_heads, geom.intermediate_size
-    group = sum(_rows_cost(getattr(attn, n, None), k) for n in ("q_proj", "k_proj", "v_proj"))
-    group += _cols_cost(getattr(attn, "o_proj", None), k)
-    channel = sum(_rows_cost(getattr(mlp, n, None), c) for n in ("gate_proj", "up_proj"))
-    channel += _cols_cost(getattr(mlp, "down_proj", None), c)
-    return LayerCosts(
-        num_kv_groups=k,
-        num_channels=c,
-        kv_group_cost=group,
-        channel_cost=channel,
-        attention_norm_cost=_param_count(getattr(layer, "input_layernorm", None)) if k else 0,
-        mlp_norm_cost=_param_count(getattr(layer, "post_attention_layernorm", None)) if c else 0,
-    )
-
-
-def _param_count(module: nn.Module | None) -> int:
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
 def _type_scale(values: torch.Tensor) -> float:
@@ -217,11 +162,12 @@ def plan_global(
     ``params_before`` / ``params_target`` / ``params_planned`` are model sizes: now, wanted, and what
     applying this plan gives (at most one structure below the target size).
     """
-    layers = decoder_layers(model)
+    adapter = adapter_for(model.config)
+    layers = adapter.decoder_layers(model)
     protected = set(protected_layers)
     _check_arguments(ratio, ratio_of, protected, len(layers), min_kv_groups, min_channels)
-    head_dim = head_dim_of(model.config)
-    costs = [layer_costs(layer, head_dim) for layer in layers]
+    head_dim = adapter.head_dim(model.config)
+    costs = [adapter.costs(layer, head_dim) for layer in layers]
     params_before = sum(p.numel() for p in model.parameters())
     denominator = params_before if ratio_of == "total" else sum(p.numel() for p in layers.parameters())
     target = ratio * denominator

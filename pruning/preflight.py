@@ -11,13 +11,12 @@ import math
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from pruning.analysis import shape_rules
-from pruning.architectures import check_supported
 from pruning.config import PipelineConfig
 from pruning.errors import UserError
+from pruning.families import adapter_for
 from pruning.jsonio import read_json_object
 from pruning.models import looks_like_hub_id
 from pruning.weight_files import PICKLE_SUFFIXES
@@ -40,8 +39,8 @@ class ModelFacts:
     max_position_embeddings: int | None
     total_params: int
     layer_params: int
-    kv_group_cost: int  # parameters one KV group owns (its q/k/v rows and o columns)
-    channel_cost: int  # parameters one MLP channel owns (gate/up rows, down column)
+    kv_group_cost: int  # parameters one KV group owns (its query, key and value rows, output columns)
+    channel_cost: int  # parameters one MLP channel owns
 
 
 def read_model_config(model_path: str) -> dict[str, Any]:
@@ -63,7 +62,7 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 
 def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts:
     """Facts for the checks; a config that cannot describe a prunable model is the user's error."""
-    check_supported(SimpleNamespace(model_type=config.get("model_type")))
+    adapter = adapter_for(config)
     if config.get("pruning_layout"):
         raise UserError(f"{where}: the model is already pruned; prune the original model instead")
     try:
@@ -83,17 +82,13 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
             f"{where}: config.json has {heads} attention heads for {kv!r} KV heads; the heads must divide "
             "into KV groups of equal size (num_attention_heads a multiple of num_key_value_heads)"
         )
-    shapes = shape_rules.shapes_from_config(config)
+    shapes = adapter.parameter_shapes(config)
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     layer0 = "model.layers.0."
-    per_group = sum(
-        sizes.get(f"{layer0}self_attn.{p}_proj.{kind}", 0) for p in "qkv" for kind in ("weight", "bias")
+    costs = adapter.layer_costs(
+        {name[len(layer0) :]: shape for name, shape in shapes.items() if name.startswith(layer0)},
+        adapter.head_dim(config),
     )
-    per_group += sizes[f"{layer0}self_attn.o_proj.weight"]
-    per_channel = sum(
-        sizes.get(f"{layer0}mlp.{p}_proj.{kind}", 0) for p in ("gate", "up") for kind in ("weight", "bias")
-    )
-    per_channel += sizes[f"{layer0}mlp.down_proj.weight"]
     return ModelFacts(
         config=config,
         num_layers=config["num_hidden_layers"],
@@ -103,8 +98,8 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
         max_position_embeddings=max_pos,
         total_params=sum(sizes.values()),
         layer_params=sum(n for name, n in sizes.items() if name.startswith("model.layers.")),
-        kv_group_cost=per_group // kv,
-        channel_cost=per_channel // config["intermediate_size"],
+        kv_group_cost=costs.kv_group_cost,
+        channel_cost=costs.channel_cost,
     )
 
 

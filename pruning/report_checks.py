@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
+from pruning.families.base import REPORT_ATTENTION_FIELDS, REPORT_MLP_FIELDS
+
 Failure = tuple[str, str]  # (JSON path, what is wrong)
 _RATIO_TOLERANCE = 1e-9
 
@@ -50,10 +52,10 @@ def _analysis(r: dict[str, Any]) -> Iterator[Failure]:
         yield from _equal(f"{at}.layer_idx", layer["layer_idx"], i, "layer_idx = position in layers")
         parts = attn["total"] + mlp["total"] + layer["norm"] + layer["other"]
         yield from _equal(f"{at}.total", layer["total"], parts, "total = attention + mlp + norm + other")
-        projections = sum(attn[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        projections = sum(attn[p] for p in REPORT_ATTENTION_FIELDS)
         if attn["total"] < projections:
             yield f"{at}.attention.total", f"{attn['total']} is less than its projections ({projections})"
-        projections = sum(mlp[p] for p in ("gate_proj", "up_proj", "down_proj"))
+        projections = sum(mlp[p] for p in REPORT_MLP_FIELDS)
         if mlp["total"] < projections:
             yield f"{at}.mlp.total", f"{mlp['total']} is less than its projections ({projections})"
         yield from _equal(

@@ -1,44 +1,26 @@
 """Physical removal of KV groups and MLP channels, and its oracle counterpart (zeroing in place).
 
-A KV group ``g`` of a layer is KV head ``g`` (rows ``g*hd:(g+1)*hd`` of ``k_proj``/``v_proj``) with the
-``G = num_heads // num_kv_heads`` query heads that share it (query heads ``g*G .. (g+1)*G-1``: their
-``q_proj`` rows and ``o_proj`` input columns). Removing whole groups keeps the GQA ratio, so the stock
-attention code (which reshapes with ``-1`` heads and repeats KV heads ``num_key_value_groups`` times) runs
-unchanged. An MLP channel ``c`` is row ``c`` of ``gate_proj``/``up_proj`` and column ``c`` of ``down_proj``.
+Which rows and columns a structure owns is the family adapter's declaration (``OwnedSlice``s, see
+``pruning.families.base``); this module only slices or zeroes what it is told, so removal, zeroing,
+costs and scores cannot disagree. A fully emptied block is handed back to the adapter, which swaps in
+its Zero* stand-in and drops the norms that served it.
 
 ``apply_plan`` and ``zero_plan_structures`` must describe the same function: the tests compare a pruned
-model with a zeroed copy of the dense one (the correctness oracle of docs/DESIGN.md).
+model with a zeroed copy of the dense one (the correctness oracle, docs/families.md).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from pruning.analysis.shape_rules import LAYOUT_VERSION
-from pruning.architectures import decoder_layers, head_dim_of, layer_geometry
-from pruning.modules import ZeroAttention, ZeroMLP
+from pruning.families import ATTENTION, KINDS, FamilyAdapter, LayerGeometry, Layout, adapter_for
 from pruning.plan import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- indices
-
-
-def _head_rows(heads: Sequence[int], head_dim: int) -> list[int]:
-    """Row (or column) indices of whole heads in a projection laid out head after head."""
-    return [h * head_dim + d for h in heads for d in range(head_dim)]
-
-
-def _group_indices(groups: Sequence[int], group_size: int, head_dim: int) -> tuple[list[int], list[int]]:
-    """(query-side indices, kv-side indices) of the given KV groups."""
-    query_heads = [g * group_size + j for g in groups for j in range(group_size)]
-    return _head_rows(query_heads, head_dim), _head_rows(groups, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------- slicing
@@ -87,14 +69,18 @@ def _zero_in(linear: nn.Linear, cols: Sequence[int]) -> None:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _check_plan(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Module, LayerPlan]]:
+def _check_plan(
+    model: nn.Module, plan: PruningPlan
+) -> tuple[FamilyAdapter, int, list[tuple[nn.Module, LayerPlan, LayerGeometry]]]:
     """Pair each decoder layer with its plan, or raise ValueError when the plan was made for other shapes."""
-    layers = decoder_layers(model)
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
+    layers = adapter.decoder_layers(model)
     if len(plan.layers) != len(layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, the model has {len(layers)}")
-    head_dim = head_dim_of(model.config)
+    paired = []
     for idx, (layer, lp) in enumerate(zip(layers, plan.layers, strict=True)):
-        geo = layer_geometry(layer, head_dim)
+        geo = adapter.geometry(layer, head_dim)
         if lp.layer_idx != idx:
             raise ValueError(f"plan entry {idx} is for layer {lp.layer_idx}")
         if lp.num_kv_groups != geo.num_kv_heads or lp.num_channels != geo.intermediate_size:
@@ -104,11 +90,38 @@ def _check_plan(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Module, La
             )
         if geo.num_kv_heads and geo.num_heads % geo.num_kv_heads:
             raise ValueError(f"layer {idx}: {geo.num_heads} query heads do not split into {geo.num_kv_heads}")
-    return list(zip(layers, plan.layers, strict=True))
+        paired.append((layer, lp, geo))
+    return adapter, head_dim, paired
 
 
-def _group_size(layer: nn.Module, head_dim: int) -> int:
-    return layer_geometry(layer, head_dim).group_size
+def _removed(lp: LayerPlan, kind: str) -> tuple[Sequence[int], bool]:
+    """(structures of ``kind`` the plan removes, whether that empties the block)."""
+    if kind == ATTENTION:
+        return lp.remove_kv_groups, lp.attention_removed
+    return lp.remove_channels, lp.mlp_removed
+
+
+def _after_removal(geo: LayerGeometry, kind: str, removed: int) -> LayerGeometry:
+    if kind == ATTENTION:
+        kv = geo.num_kv_heads - removed
+        return LayerGeometry(kv * geo.group_size, kv, geo.head_dim, geo.intermediate_size)
+    return LayerGeometry(geo.num_heads, geo.num_kv_heads, geo.head_dim, geo.intermediate_size - removed)
+
+
+def _remove_structures(
+    adapter: FamilyAdapter, layer: nn.Module, idx: int, head_dim: int, geo: LayerGeometry, lp: LayerPlan
+) -> None:
+    """Slice one layer to the plan, block by block (used on real weights and on meta skeletons)."""
+    for kind in KINDS:
+        structures, emptied = _removed(lp, kind)
+        if emptied:
+            adapter.remove_block(layer, kind, idx, head_dim)
+        elif structures:
+            for owned in adapter.owned_slices(kind, geo):
+                linear = layer.get_submodule(owned.path)
+                (_prune_out if owned.axis == 0 else _prune_in)(linear, owned.indices(structures))
+            geo = _after_removal(geo, kind, len(structures))
+            adapter.resized(layer, kind, geo)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -117,30 +130,12 @@ def _group_size(layer: nn.Module, head_dim: int) -> int:
 def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
     """Remove the plan's KV groups and MLP channels from ``model`` in place.
 
-    Fully emptied blocks become ZeroAttention / ZeroMLP, and the RMSNorm feeding them becomes
-    ``nn.Identity`` because nothing else reads it. Embeddings (tied or not) are never touched.
+    Fully emptied blocks become ZeroAttention / ZeroMLP and the norms serving them ``nn.Identity``,
+    because nothing else reads them. Embeddings (tied or not) are never touched.
     """
-    head_dim = head_dim_of(model.config)
-    for layer, lp in _check_plan(model, plan):
-        attn, mlp = layer.self_attn, layer.mlp
-        if lp.attention_removed:
-            layer.self_attn = ZeroAttention(lp.layer_idx, head_dim)
-            layer.input_layernorm = nn.Identity()
-        elif lp.remove_kv_groups:
-            q_idx, kv_idx = _group_indices(lp.remove_kv_groups, _group_size(layer, head_dim), head_dim)
-            _prune_out(attn.q_proj, q_idx)
-            _prune_out(attn.k_proj, kv_idx)
-            _prune_out(attn.v_proj, kv_idx)
-            _prune_in(attn.o_proj, q_idx)
-        if lp.mlp_removed:
-            layer.mlp = ZeroMLP()
-            layer.post_attention_layernorm = nn.Identity()
-        elif lp.remove_channels:
-            _prune_out(mlp.gate_proj, lp.remove_channels)
-            _prune_out(mlp.up_proj, lp.remove_channels)
-            _prune_in(mlp.down_proj, lp.remove_channels)
-            if hasattr(mlp, "intermediate_size"):  # informational only; forward never reads it
-                mlp.intermediate_size = mlp.gate_proj.out_features
+    adapter, head_dim, paired = _check_plan(model, plan)
+    for layer, lp, geo in paired:
+        _remove_structures(adapter, layer, lp.layer_idx, head_dim, geo, lp)
         if not lp.is_empty:
             logger.debug(
                 "layer %d: removed %d KV groups, %d MLP channels",
@@ -153,42 +148,61 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
 def zero_plan_structures(model: nn.Module, plan: PruningPlan) -> None:
     """Zero, in place and without changing shapes, exactly what ``apply_plan`` would remove.
 
-    Zeroed q/k/v rows and o columns make a head contribute nothing; zeroed gate/up rows make a channel
-    output act(0)*0 = 0. For a fully removed block the output bias is zeroed too, so the block outputs
-    exactly 0 like its Zero* replacement (its norm then has no effect, so it is left alone).
+    Zeroed rows make a head or channel compute 0, zeroed output columns make it write 0. For a fully
+    removed block the output projections' biases are zeroed too, so the block outputs exactly 0 like its
+    Zero* replacement (a norm before it then has no effect, and a post-norm of 0 is 0).
     """
-    head_dim = head_dim_of(model.config)
-    for layer, lp in _check_plan(model, plan):
-        attn, mlp = layer.self_attn, layer.mlp
-        if lp.remove_kv_groups:
-            q_idx, kv_idx = _group_indices(lp.remove_kv_groups, _group_size(layer, head_dim), head_dim)
-            _zero_out(attn.q_proj, q_idx)
-            _zero_out(attn.k_proj, kv_idx)
-            _zero_out(attn.v_proj, kv_idx)
-            _zero_in(attn.o_proj, q_idx)
-            if lp.attention_removed and attn.o_proj.bias is not None:
-                with torch.no_grad():
-                    attn.o_proj.bias.zero_()
-        if lp.remove_channels:
-            _zero_out(mlp.gate_proj, lp.remove_channels)
-            _zero_out(mlp.up_proj, lp.remove_channels)
-            _zero_in(mlp.down_proj, lp.remove_channels)
-            if lp.mlp_removed and mlp.down_proj.bias is not None:
-                with torch.no_grad():
-                    mlp.down_proj.bias.zero_()
+    adapter, _, paired = _check_plan(model, plan)
+    for layer, lp, geo in paired:
+        for kind in KINDS:
+            structures, emptied = _removed(lp, kind)
+            if not structures:
+                continue
+            for owned in adapter.owned_slices(kind, geo):
+                linear = layer.get_submodule(owned.path)
+                (_zero_out if owned.axis == 0 else _zero_in)(linear, owned.indices(structures))
+                if emptied and owned.axis == 1 and linear.bias is not None:
+                    with torch.no_grad():
+                        linear.bias.zero_()
 
 
-def pruned_layout(model: nn.Module) -> dict[str, Any]:
+def pruned_layout(model: nn.Module) -> Layout:
     """Per-layer sizes for ``config.json`` (key ``pruning_layout``), read from the weights.
 
-    One entry per layer; 0 means the block was removed (Zero* module) and its input norm is nn.Identity.
-    ``head_dim`` and the GQA ratio are those of the unchanged top-level config.
+    0 means the block was removed (Zero* module, its norms nn.Identity). ``head_dim`` and the GQA ratio
+    are those of the unchanged top-level config.
     """
-    head_dim = head_dim_of(model.config)
-    geos = [layer_geometry(layer, head_dim) for layer in decoder_layers(model)]
-    return {
-        "version": LAYOUT_VERSION,
-        "num_attention_heads": [g.num_heads for g in geos],
-        "num_key_value_heads": [g.num_kv_heads for g in geos],
-        "intermediate_size": [g.intermediate_size for g in geos],
-    }
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
+    return Layout.of(adapter.geometry(layer, head_dim).sizes for layer in adapter.decoder_layers(model))
+
+
+def resize_to_layout(model: nn.Module, layout: Layout) -> None:
+    """Shrink a dense (meta) model to ``layout`` by removing each layer's trailing structures.
+
+    The same slicing as ``apply_plan``, so a reloaded checkpoint has exactly the modules surgery made.
+    Raises ValueError for a layer the dense model cannot shrink to (more structures, another GQA ratio).
+    """
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
+    layers = adapter.decoder_layers(model)
+    for idx, (layer, sizes) in enumerate(zip(layers, layout, strict=True)):
+        geo = adapter.geometry(layer, head_dim)
+        keep_kv, keep_channels = sizes.num_kv_heads, sizes.intermediate_size
+        if (
+            keep_kv > geo.num_kv_heads
+            or keep_channels > geo.intermediate_size
+            or (keep_kv and sizes.num_heads != keep_kv * geo.group_size)
+        ):
+            raise ValueError(
+                f"layer {idx}: {sizes.num_heads} heads, {keep_kv} KV heads and {keep_channels} channels "
+                f"cannot come from a layer of {geo.num_heads}, {geo.num_kv_heads} and {geo.intermediate_size}"
+            )
+        lp = LayerPlan(
+            idx,
+            geo.num_kv_heads,
+            geo.intermediate_size,
+            tuple(range(keep_kv, geo.num_kv_heads)),
+            tuple(range(keep_channels, geo.intermediate_size)),
+        )
+        _remove_structures(adapter, layer, idx, head_dim, geo, lp)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from pruning.analysis import ModelAnalyzer
+from pruning.analysis.analyzer import analyze_inventory
 from pruning.errors import UserError
 from pruning.reports import validate
 from tests.conftest import build_hand_pruned, config_dir, tiny_llama_config
+from tests.tiny_models import ARCHS
 
 
 def assert_invariant(report: dict) -> None:
@@ -143,50 +145,6 @@ def test_hand_pruned_from_config_layout_equals_live(hand_pruned, hand_pruned_dir
     assert {**from_config, "source": "live"} == live
 
 
-def test_gguf_file_equals_live(tmp_path: Path):
-    """A GGUF written with the gguf package (llama naming, reversed shapes) is analysed from metadata."""
-    import gguf
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(4)
-    writer.add_embedding_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_key_length(16)
-    writer.add_feed_forward_length(128)
-    names = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
-    for name, param in model.named_parameters():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        else:
-            idx, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{idx}.{names[rest.removesuffix('.weight')]}.weight"
-        writer.add_tensor(gname, param.detach().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    live = ModelAnalyzer(model, "tiny").analyze()
-    from_gguf = ModelAnalyzer(path, "tiny").analyze()
-    assert from_gguf["source"] == "gguf" and from_gguf["dtype"] == "gguf:F32"
-    assert {**from_gguf, "source": "live", "dtype": "float32"} == live
-
-
 def test_pickle_refused_unless_trusted(tmp_path: Path):
     model = build_hand_pruned()
     path = tmp_path / "pruned_model.bin"
@@ -247,3 +205,83 @@ def test_generic_architecture_falls_back_to_meta_build(tmp_path: Path):
     assert report["layers"][0]["attention"]["type"] == "Gemma2Attention"
     assert report["layers"][0]["norm"] == 4 * 64  # Gemma2 has four norms per layer
     assert_invariant(report)
+
+
+@pytest.mark.parametrize(
+    ("arch", "gguf_arch"),
+    [
+        ("llama_gqa", "LLAMA"),
+        ("phi3", "PHI3"),
+        ("gemma2", "GEMMA2"),
+        ("gemma3", "GEMMA3"),
+        ("qwen3", "QWEN3"),
+    ],
+)
+def test_gguf_of_every_family_equals_live(arch: str, gguf_arch: str, tmp_path: Path):
+    """A GGUF written with the gguf package, tensor names as llama.cpp's converter writes them (gguf's own
+    name map, fused ones included), shapes reversed, is analysed from its metadata like the live model."""
+    import gguf
+
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model(arch)
+    arch_id = getattr(gguf.MODEL_ARCH, gguf_arch)
+    names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+    path = tmp_path / f"{arch}.gguf"
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch_id])
+    writer.add_block_count(model.config.num_hidden_layers)
+    writer.add_embedding_length(model.config.hidden_size)
+    writer.add_head_count(model.config.num_attention_heads)
+    writer.add_head_count_kv(model.config.num_key_value_heads)
+    writer.add_key_length(16)
+    for name, param in model.named_parameters():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), param.detach().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    live = ModelAnalyzer(model, "tiny").analyze()
+    from_gguf = ModelAnalyzer(path, "tiny").analyze()
+    assert from_gguf["source"] == "gguf" and from_gguf["dtype"] == "gguf:F32"
+    assert {**from_gguf, "source": "live", "dtype": "float32"} == live
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_model_of_every_family_counts_the_same_from_every_source(
+    arch: str, tmp_path: Path, config_only_copy
+):
+    """Live, from the saved safetensors headers, and from config.json's layout alone."""
+    from pruning.checkpoint import save_pruned_model
+    from pruning.surgery import apply_plan
+    from tests.tiny_models import make_plan, tiny_model
+
+    model = tiny_model(arch)
+    apply_plan(model, make_plan(model))
+    out = save_pruned_model(model, None, tmp_path / arch)
+    live = ModelAnalyzer(model, "m").analyze()
+    assert live["total_params"] == sum(p.numel() for p in model.parameters())
+    assert live["layers"][2]["is_zero_layer"] and live["layers"][0]["attention"]["type"] == "ZeroAttention"
+    from_disk = ModelAnalyzer(out, "m").analyze()
+    from_config = ModelAnalyzer(config_only_copy(out), "m").analyze()
+    assert {**from_disk, "source": "live"} == live
+    assert {**from_config, "source": "live"} == live
+
+
+@pytest.mark.parametrize(
+    ("name", "total", "attention_type"),
+    [
+        # published parameter counts of the real checkpoints
+        ("phi-3-mini-4k", 3_821_079_552, "Phi3Attention"),
+        ("gemma-2-2b", 2_614_341_888, "Gemma2Attention"),
+        ("gemma-3-1b", 999_885_952, "Gemma3Attention"),
+    ],
+)
+def test_new_families_from_config_alone_match_published_counts(name: str, total: int, attention_type: str):
+    report = ModelAnalyzer(config_dir(name)).analyze()
+    assert report["total_params"] == total
+    assert report["layers"][0]["attention"]["type"] == attention_type
+    assert_invariant(report)
+    from pruning.analysis.sources import _inventory_from_meta_build
+
+    meta = analyze_inventory(_inventory_from_meta_build(config_dir(name)), "m")
+    assert meta["total_params"] == total  # transformers' own build agrees

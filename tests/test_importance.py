@@ -16,6 +16,7 @@ from pruning.importance import (
     get_criterion,
 )
 from pruning.modules import ZeroAttention, ZeroMLP
+from tests.tiny_models import ARCHS
 
 HD, G, K, C = 16, 2, 2, 128  # head_dim, query heads per KV head, KV groups, MLP channels
 
@@ -212,3 +213,30 @@ def test_registry_and_get_criterion() -> None:
         get_criterion("wanda")
     with pytest.raises(UserError, match="magnitude"):
         get_criterion("magnitude", batch_size=2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scores_sum_exactly_what_zeroing_the_structure_removes(arch: str) -> None:
+    """Per family, fused projections included: a structure's magnitude score is the |W| mass that
+    zeroing it (the oracle's view of removal) takes out of the model."""
+    import copy
+
+    from pruning.plan import LayerPlan, PruningPlan
+    from pruning.surgery import zero_plan_structures
+    from tests.tiny_models import tiny_model as family_model
+
+    model = family_model(arch)
+    scores = MagnitudeCriterion().score(model, None)
+    dense_mass = sum(p.detach().abs().sum() for p in model.parameters())
+    kv, channels = scores.attention[1].numel(), scores.mlp[1].numel()
+    for groups, chans, expected in (
+        ((1,), (), scores.attention[1][1]),
+        ((), (0, 5), scores.mlp[1][[0, 5]].sum()),
+    ):
+        layers = tuple(
+            LayerPlan(i, kv, channels, groups if i == 1 else (), chans if i == 1 else ()) for i in range(5)
+        )
+        zeroed = copy.deepcopy(model)
+        zero_plan_structures(zeroed, PruningPlan(layers=layers))
+        removed = dense_mass - sum(p.detach().abs().sum() for p in zeroed.parameters())
+        torch.testing.assert_close(removed, expected, rtol=1e-4, atol=1e-4)

@@ -69,10 +69,10 @@ def removed_within_one_structure(record: dict, base_key: str, plan: dict) -> Non
 def test_structure_costs_match_the_planner(tiny_dir: Path):
     from transformers import LlamaForCausalLM
 
-    from pruning.planner import layer_costs
+    from pruning.families import adapter_for
 
     model = LlamaForCausalLM.from_pretrained(tiny_dir)
-    costs = layer_costs(model.model.layers[0], HEAD_DIM)
+    costs = adapter_for(model.config).costs(model.model.layers[0], HEAD_DIM)
     assert (costs.kv_group_cost, costs.channel_cost) == (KV_GROUP_COST, CHANNEL_COST)
     assert (costs.num_kv_groups, costs.num_channels) == (2, 128)
 
@@ -137,6 +137,31 @@ def test_pruned_model_equals_dense_model_with_plan_zeroed(baseline: SimpleNamesp
         pruned_logits = pruned(ids).logits
     assert not torch.allclose(dense_logits, zeroed_logits, atol=1e-3)  # the plan changes the function
     torch.testing.assert_close(pruned_logits, zeroed_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma2", "gemma3", "qwen2"])
+def test_every_family_prunes_end_to_end(arch: str, tmp_path: Path):
+    """The whole run on a tiny model of each family: the saved model reloads and equals the dense model
+    with the plan's structures zeroed, and the reports count what was removed."""
+    from tests.tiny_models import tiny_model
+    from tests.tiny_pipeline import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    dense = tiny_model(arch, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model_dir = tmp_path / arch
+    dense.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = prune(tmp_path, model_dir, pruning={"ratio": 0.25})
+    assert result.code == 0
+    comparison = reports.load(result.out / "analysis" / "model_comparison.json")
+    removed = result.record["params_before"] - result.record["params_after"]
+    assert comparison["total_params"]["reduced"] == removed > 0.25 * result.record["params_before"]
+    pruned = pruning.load_pruned_model(result.out / "models")
+    assert sum(p.numel() for p in pruned.parameters()) == result.record["params_after"]
+    ids = torch.randint(0, len(tokenizer), (3, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        zero_plan_structures(dense, PruningPlan.from_dict(result.plan))
+        torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_source_model_directory_is_untouched(baseline: SimpleNamespace, tiny_dir: Path):

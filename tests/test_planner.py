@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning.errors import UserError
+from pruning.families import adapter_for
 from pruning.importance import ActivationCriterion, StructureScores
 from pruning.plan import PruningPlan
-from pruning.planner import layer_costs, plan_global
+from pruning.planner import plan_global
 
 HD, G, K, C, HIDDEN, LAYERS = 16, 2, 2, 128, 64, 3
 
@@ -72,7 +73,7 @@ def physical_param_count(model: LlamaForCausalLM, plan: PruningPlan) -> int:
 
 def values(model: LlamaForCausalLM, scores: StructureScores) -> dict[tuple[int, str, int], float]:
     """Per-parameter importance divided by its type's median: the spec's common scale."""
-    costs = [layer_costs(layer, HD) for layer in model.model.layers]
+    costs = [adapter_for(model.config).costs(layer, HD) for layer in model.model.layers]
     attn = [s / c.kv_group_cost for s, c in zip(scores.attention, costs, strict=True)]
     mlp = [s / c.channel_cost for s, c in zip(scores.mlp, costs, strict=True)]
     attn_med, mlp_med = torch.cat(attn).double().median(), torch.cat(mlp).double().median()
@@ -93,7 +94,7 @@ def cost_of(key: tuple[int, str, int]) -> int:
 
 
 def test_costs_follow_module_shapes(model: LlamaForCausalLM) -> None:
-    lc = layer_costs(model.model.layers[0], HD)
+    lc = adapter_for(model.config).costs(model.model.layers[0], HD)
     assert (lc.num_kv_groups, lc.num_channels) == (K, C)
     assert lc.kv_group_cost == (G * HD + 2 * HD) * HIDDEN + G * HD * HIDDEN == 6144
     assert lc.channel_cost == 3 * HIDDEN

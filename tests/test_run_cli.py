@@ -182,3 +182,28 @@ def test_readme_hook_example(tmp_path: Path, tiny_dir: Path):
     assert (before, after_prune) == (record["params_before"], record["params_after"])
     assert "Detailed comparison report" in result.stderr  # the analysis hook ran too
     assert (out / "analysis" / "model_comparison.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("config", "fixture", "summary"),
+    [
+        ("phi3_mini_0.2", "phi-3-mini-4k", "(phi3, 32 layers, 32Q:32KV heads, 3,821,079,552 parameters"),
+        ("gemma2_2b_0.2", "gemma-2-2b", "(gemma2, 26 layers, 8Q:4KV heads, 2,614,341,888 parameters"),
+        ("gemma3_1b_0.2", "gemma-3-1b", "(gemma3_text, 26 layers, 4Q:1KV heads, 999,885,952 parameters"),
+    ],
+)
+def test_dry_run_of_every_family_config(config: str, fixture: str, summary: str, tmp_path: Path):
+    """The shipped configs of the other families plan a run from config.json alone."""
+    result = cli(
+        "--dry-run",
+        "--config",
+        f"configs/{config}.yaml",
+        "--set",
+        f"model.path=tests/fixtures/configs/{fixture}",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert summary in result.stdout
+    assert "remove 20.00% of total parameters" in result.stdout
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.analysis.shape_rules import FAMILIES, shapes_from_config
+from pruning.analysis.shape_rules import shapes_from_config
+from pruning.families import FAMILIES
 
 TINY = dict(
     hidden_size=64,
@@ -32,6 +33,12 @@ CASES = [
     ("qwen2", {"tie_word_embeddings": True}),
     ("qwen3", {"head_dim": 16}),
     ("qwen3", {"attention_bias": True}),
+    ("phi3", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    ("phi3", {"pad_token_id": 0, "num_key_value_heads": 4, "tie_word_embeddings": True}),
+    ("gemma2", {"head_dim": 16}),
+    ("gemma2", {"head_dim": 16, "attention_bias": True, "tie_word_embeddings": False}),
+    ("gemma3_text", {"head_dim": 16}),
+    ("gemma3_text", {"attention_bias": True}),
 ]
 
 
@@ -47,4 +54,13 @@ def test_rule_shapes_equal_meta_build(model_type: str, overrides: dict):
 
 
 def test_every_family_has_a_case():
-    assert {model_type for model_type, _ in CASES} == set(FAMILIES)
+    assert {model_type for model_type, _ in CASES} == set(FAMILIES.model_types())
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_family_defaults_fill_keys_config_json_omits(model_type: str):
+    """A hand-written Gemma config without head_dim or tie_word_embeddings gets transformers' defaults."""
+    config = _config(model_type).to_dict()
+    sparse = {k: v for k, v in config.items() if k not in ("head_dim", "tie_word_embeddings")}
+    assert config["head_dim"] == 256 and config["tie_word_embeddings"]
+    assert shapes_from_config(sparse) == shapes_from_config(config)

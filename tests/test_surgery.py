@@ -8,13 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.architectures import decoder_layers, head_dim_of
+from pruning.families import adapter_for
 from pruning.modules import ZeroAttention, ZeroMLP
 from pruning.plan import LayerPlan, PruningPlan
 from pruning.surgery import apply_plan, pruned_layout, zero_plan_structures
-from tests.tiny_models import ARCHS, TIED_ARCHS, input_ids, make_plan, tiny_model
+from tests.tiny_models import ARCH_IMPLS, ARCHS, TIED_ARCHS, input_ids, make_plan, tiny_model
 
-IMPLS = ("eager", "sdpa")
+# Families with separate q/k/v and gate/up Linears, whose rows these tests check by name (Phi-3's fused
+# projections are checked in tests/test_families.py).
+SEPARATE_PROJECTIONS = tuple(arch for arch in ARCHS if arch != "phi3")
 
 
 def _pruned_and_zeroed(arch: str, impl: str = "eager"):
@@ -44,11 +46,11 @@ def _generate(model: nn.Module, ids: torch.Tensor, use_cache: bool) -> torch.Ten
     )
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_pruned_logits_equal_zeroed_dense(arch: str, impl: str) -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("arch", "impl"), ARCH_IMPLS)
+def test_pruned_logits_equal_zeroed_dense(arch: str, impl: str, batch: int) -> None:
     model, zeroed, _, dense = _pruned_and_zeroed(arch, impl)
-    ids = input_ids()
+    ids = input_ids(batch=batch)
     with torch.no_grad():
         pruned_logits, zeroed_logits, dense_logits = (m(ids).logits for m in (model, zeroed, dense))
     torch.testing.assert_close(pruned_logits, zeroed_logits, atol=1e-4, rtol=0)
@@ -56,24 +58,55 @@ def test_pruned_logits_equal_zeroed_dense(arch: str, impl: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_structure_after_surgery(arch: str) -> None:
+def test_emptied_blocks_and_their_norms_are_replaced(arch: str) -> None:
     model, zeroed, plan, dense = _pruned_and_zeroed(arch)
-    layers = decoder_layers(model)
-    hd, hidden = head_dim_of(model.config), model.config.hidden_size
+    adapter = adapter_for(model.config)
+    layers = adapter.decoder_layers(model)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     for layer in (layers[0], layers[2]):
-        assert isinstance(layer.self_attn, ZeroAttention) and isinstance(layer.input_layernorm, nn.Identity)
+        assert isinstance(layer.self_attn, ZeroAttention)
+        assert all(isinstance(layer.get_submodule(n), nn.Identity) for n in adapter.block_norms("attention"))
     for layer in (layers[2], layers[3]):
-        assert isinstance(layer.mlp, ZeroMLP) and isinstance(layer.post_attention_layernorm, nn.Identity)
-    assert not isinstance(layers[1].input_layernorm, nn.Identity)
+        assert isinstance(layer.mlp, ZeroMLP)
+        assert all(isinstance(layer.get_submodule(n), nn.Identity) for n in adapter.block_norms("mlp"))
+    for kind in ("attention", "mlp"):
+        assert not any(isinstance(layers[1].get_submodule(n), nn.Identity) for n in adapter.block_norms(kind))
     kv = [lp.num_kv_groups - len(lp.remove_kv_groups) for lp in plan.layers]
     inter = [lp.num_channels - len(lp.remove_channels) for lp in plan.layers]
-    assert pruned_layout(model) == {
+    assert pruned_layout(model).to_json() == {
         "version": 1,
         "num_attention_heads": [k * group for k in kv],
         "num_key_value_heads": kv,
         "intermediate_size": inter,
     }
+    # the zeroed model keeps every shape
+    assert [tuple(p.shape) for p in zeroed.parameters()] == [tuple(p.shape) for p in dense.parameters()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_shapes_equal_the_rules_for_the_layout(arch: str) -> None:
+    """Every parameter of the pruned model has the shape the family's rules give for its layout, and a
+    meta-device build of the saved config has the same parameters (the count a reload will see)."""
+    from pruning.checkpoint import build_pruned_skeleton
+
+    model, _, _, _ = _pruned_and_zeroed(arch)
+    adapter = adapter_for(model.config)
+    config = model.config.to_dict() | {"pruning_layout": pruned_layout(model).to_json()}
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == adapter.parameter_shapes(config)
+    skeleton = build_pruned_skeleton(config)
+    assert {name: tuple(p.shape) for name, p in skeleton.named_parameters()} == shapes
+    assert _numel(skeleton) == _numel(model)
+
+
+@pytest.mark.parametrize("arch", SEPARATE_PROJECTIONS)
+def test_structure_after_surgery(arch: str) -> None:
+    model, _, plan, _ = _pruned_and_zeroed(arch)
+    layers = adapter_for(model.config).decoder_layers(model)
+    hd, hidden = adapter_for(model.config).head_dim(model.config), model.config.hidden_size
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    kv = [lp.num_kv_groups - len(lp.remove_kv_groups) for lp in plan.layers]
+    inter = [lp.num_channels - len(lp.remove_channels) for lp in plan.layers]
     attn, mlp = layers[1].self_attn, layers[1].mlp
     assert (attn.q_proj.out_features, attn.q_proj.in_features) == tuple(attn.q_proj.weight.shape)
     assert attn.o_proj.in_features == attn.o_proj.weight.shape[1] == kv[1] * group * hd
@@ -83,18 +116,19 @@ def test_structure_after_surgery(arch: str) -> None:
         if proj.bias is not None:
             assert proj.bias.shape == (proj.out_features,)
     assert mlp.down_proj.out_features == hidden
-    # the zeroed model keeps every shape
-    assert [tuple(p.shape) for p in zeroed.parameters()] == [tuple(p.shape) for p in dense.parameters()]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SEPARATE_PROJECTIONS)
 def test_surgery_keeps_the_right_rows(arch: str) -> None:
     """Kept KV head / query heads / channels are exactly the dense ones, in order."""
     model, _, plan, dense = _pruned_and_zeroed(arch)
-    hd = head_dim_of(model.config)
+    hd = adapter_for(model.config).head_dim(model.config)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     lp = plan.layers[1]
-    new, old = decoder_layers(model)[1], decoder_layers(dense)[1]
+    new, old = (
+        adapter_for(model.config).decoder_layers(model)[1],
+        adapter_for(dense.config).decoder_layers(dense)[1],
+    )
     for new_pos, g in enumerate(lp.keep_kv_groups):
         kv_new, kv_old = slice(new_pos * hd, (new_pos + 1) * hd), slice(g * hd, (g + 1) * hd)
         q_new = slice(new_pos * group * hd, (new_pos + 1) * group * hd)
@@ -111,20 +145,23 @@ def test_surgery_keeps_the_right_rows(arch: str) -> None:
 
 def _expected_removed(dense: nn.Module, plan: PruningPlan) -> int:
     """Parameters of the removed structures, counted from the dense layers' shapes and biases."""
-    hd = head_dim_of(dense.config)
+    adapter = adapter_for(dense.config)
+    hd = adapter.head_dim(dense.config)
     group = dense.config.num_attention_heads // dense.config.num_key_value_heads
     total = 0
-    for layer, lp in zip(decoder_layers(dense), plan.layers, strict=True):
+    for layer, lp in zip(adapter.decoder_layers(dense), plan.layers, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         if lp.attention_removed:
-            total += _numel(attn) + _numel(layer.input_layernorm)
+            total += _numel(attn) + sum(
+                _numel(layer.get_submodule(n)) for n in adapter.block_norms("attention")
+            )
         else:
             q_bias, kv_bias = attn.q_proj.bias is not None, attn.k_proj.bias is not None
             hidden = attn.q_proj.in_features
             per_group = group * hd * (2 * hidden + q_bias) + 2 * hd * (hidden + kv_bias)
             total += per_group * len(lp.remove_kv_groups)
         if lp.mlp_removed:
-            total += _numel(mlp) + _numel(layer.post_attention_layernorm)
+            total += _numel(mlp) + sum(_numel(layer.get_submodule(n)) for n in adapter.block_norms("mlp"))
         else:
             gate_bias = mlp.gate_proj.bias is not None
             per_channel = 3 * mlp.gate_proj.in_features + 2 * gate_bias
@@ -132,7 +169,7 @@ def _expected_removed(dense: nn.Module, plan: PruningPlan) -> int:
     return total
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SEPARATE_PROJECTIONS)
 def test_parameter_count_drops_by_exactly_the_removed_structures(arch: str) -> None:
     model, _, plan, dense = _pruned_and_zeroed(arch)
     removed = _expected_removed(dense, plan)
@@ -158,7 +195,9 @@ def test_forward_loss_backward(arch: str) -> None:
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.shape == param.shape, name
         assert torch.isfinite(param.grad).all(), name
-    assert decoder_layers(model)[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert (
+        next(adapter_for(model.config).decoder_layers(model)[1].self_attn.parameters()).grad.abs().sum() > 0
+    )
 
 
 def test_requires_grad_is_preserved() -> None:
@@ -168,8 +207,7 @@ def test_requires_grad_is_preserved() -> None:
     assert not any(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "impl"), ARCH_IMPLS)
 def test_generate_with_and_without_cache(arch: str, impl: str) -> None:
     """Layer 0 is ZeroAttention: the cache length must still be right for cached generation."""
     model, zeroed, _, _ = _pruned_and_zeroed(arch, impl)
@@ -185,8 +223,10 @@ def test_generate_with_and_without_cache(arch: str, impl: str) -> None:
     assert torch.equal(cached, reference)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ["llama_gqa", "mistral"])
+@pytest.mark.parametrize(
+    ("arch", "impl"),
+    [pair for pair in ARCH_IMPLS if pair[0] in ("llama_gqa", "mistral", "phi3", "gemma2", "gemma3")],
+)
 def test_incremental_forward_with_cache(arch: str, impl: str) -> None:
     """Without explicit positions, transformers reads past length from layer 0's cache entry, which
     ZeroAttention writes; a wrong length shifts positions and breaks the mask."""
@@ -221,14 +261,17 @@ def test_plan_for_pruned_shapes_prunes_again() -> None:
     model = tiny_model("qwen2")
     apply_plan(model, make_plan(model))
     layout = pruned_layout(model)
-    sizes = enumerate(zip(layout["num_key_value_heads"], layout["intermediate_size"], strict=True))
+    sizes = enumerate(zip(layout.num_key_value_heads, layout.intermediate_size, strict=True))
     second = PruningPlan(
         layers=tuple(LayerPlan(i, kv, ch, remove_channels=(0,) if i == 1 else ()) for i, (kv, ch) in sizes)
     )
     zeroed = copy.deepcopy(model)
     zero_plan_structures(zeroed, second)
     apply_plan(model, second)
-    assert decoder_layers(model)[1].mlp.gate_proj.out_features == layout["intermediate_size"][1] - 1
+    assert (
+        adapter_for(model.config).decoder_layers(model)[1].mlp.gate_proj.out_features
+        == layout.intermediate_size[1] - 1
+    )
     ids = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, zeroed(ids).logits, atol=1e-4, rtol=0)

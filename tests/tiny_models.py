@@ -10,10 +10,16 @@ import random
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -21,11 +27,16 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from pruning.architectures import decoder_layers, head_dim_of, layer_geometry
+from pruning.families import adapter_for
 from pruning.plan import LayerPlan, PruningPlan
 
-ARCHS = ("llama_mha", "llama_gqa", "mistral", "qwen2", "qwen3")
-TIED_ARCHS = ("llama_gqa", "qwen2", "qwen3")
+ARCHS = ("llama_mha", "llama_gqa", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+TIED_ARCHS = ("llama_gqa", "qwen2", "qwen3", "gemma2", "gemma3")
+# Attention implementations each family offers on CPU: transformers has no sdpa path for Gemma 2 (its
+# logit soft-capping), so Gemma 2 is proven with eager only.
+ARCH_IMPLS = tuple(
+    (arch, impl) for arch in ARCHS for impl in ("eager", "sdpa") if not (arch == "gemma2" and impl == "sdpa")
+)
 NUM_LAYERS = 5
 VOCAB = 128
 
@@ -43,29 +54,47 @@ _COMMON = dict(
 )
 
 
-def _build(arch: str, attn_implementation: str) -> PreTrainedModel:
+def _build(arch: str, attn_implementation: str, **overrides: object) -> PreTrainedModel:
+    common = {**_COMMON, **overrides}
     if arch == "llama_mha":  # MHA with every optional bias (q/k/v/o and MLP)
-        config = LlamaConfig(**_COMMON, num_key_value_heads=4, attention_bias=True, mlp_bias=True)
+        config = LlamaConfig(**common, num_key_value_heads=4, attention_bias=True, mlp_bias=True)
         return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
     if arch == "llama_gqa":
-        config = LlamaConfig(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+        config = LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)
         return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
     if arch == "mistral":  # a short sliding window, so cached generation crosses it
-        config = MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=8)
+        config = MistralConfig(**common, num_key_value_heads=2, sliding_window=8)
         return MistralForCausalLM._from_config(config, attn_implementation=attn_implementation)
     if arch == "qwen2":  # q/k/v biases are built in
-        config = Qwen2Config(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+        config = Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
         return Qwen2ForCausalLM._from_config(config, attn_implementation=attn_implementation)
     if arch == "qwen3":  # per-head q_norm / k_norm
-        config = Qwen3Config(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+        config = Qwen3Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
         return Qwen3ForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj; a sliding window cached generation crosses
+        config = Phi3Config(**common, num_key_value_heads=2, sliding_window=8)
+        return Phi3ForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    if arch == "gemma2":  # sandwich norms, (1 + w) norm scale, logit soft-capping, alternating windows
+        config = Gemma2Config(**common, num_key_value_heads=2, sliding_window=8, query_pre_attn_scalar=16)
+        return Gemma2ForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    if arch == "gemma3":  # Gemma 2's norms plus per-head q/k norms; sliding layers with their own rotary base
+        config = Gemma3TextConfig(
+            **common,
+            num_key_value_heads=2,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"] * 2 + ["sliding_attention"],
+        )
+        return Gemma3ForCausalLM._from_config(config, attn_implementation=attn_implementation)
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
-def tiny_model(arch: str, attn_implementation: str = "eager", seed: int = 0) -> PreTrainedModel:
-    """A seeded fp32 tiny model in eval mode."""
+def tiny_model(
+    arch: str, attn_implementation: str = "eager", seed: int = 0, **overrides: object
+) -> PreTrainedModel:
+    """A seeded fp32 tiny model in eval mode (``overrides`` change config values, e.g. vocab_size)."""
     torch.manual_seed(seed)
-    model = _build(arch, attn_implementation)
+    model = _build(arch, attn_implementation, **overrides)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -79,10 +108,11 @@ def make_plan(model: PreTrainedModel, seed: int = 0) -> PruningPlan:
     channels; layer 1 some groups and channels; layer 2 everything (a zero layer); layer 3 some groups
     and its whole MLP; layer 4 nothing."""
     rng = random.Random(seed)
-    head_dim = head_dim_of(model.config)
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
     plans = []
-    for idx, layer in enumerate(decoder_layers(model)):
-        geo = layer_geometry(layer, head_dim)
+    for idx, layer in enumerate(adapter.decoder_layers(model)):
+        geo = adapter.geometry(layer, head_dim)
         groups, channels = range(geo.num_kv_heads), range(geo.intermediate_size)
 
         def some(pool: range) -> tuple[int, ...]:

@@ -10,10 +10,10 @@ from pruning import reports
 from pruning.analysis.inventory import Inventory, numel, split_layer_name
 from pruning.analysis.sources import load_inventory
 from pruning.analysis.text_report import format_analysis
+from pruning.families import ATTENTION, GENERIC_FAMILY, MLP
+from pruning.families.base import REPORT_ATTENTION_FIELDS, REPORT_MLP_FIELDS, FamilyAdapter
 
 SCHEMA_VERSION = 1
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class ModelAnalyzer:
@@ -60,7 +60,7 @@ def _default_name(model_or_path: Any) -> str:
 
 def analyze_inventory(inv: Inventory, model_name: str) -> dict[str, Any]:
     """Sort every parameter into exactly one bucket, so the buckets add up to the total."""
-    layers = [_empty_layer() for _ in range(inv.num_layers)]
+    per_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in range(inv.num_layers)]
     embedding = lm_head = final_norm = other = 0
     lm_head_shape: tuple[int, ...] | None = None
     embed_shape: tuple[int, ...] | None = None
@@ -68,7 +68,7 @@ def analyze_inventory(inv: Inventory, model_name: str) -> dict[str, Any]:
         count = numel(shape)
         split = split_layer_name(name)
         if split is not None and split[0] < inv.num_layers:
-            _add_layer_param(layers[split[0]], split[1], shape, count, inv.head_dim)
+            per_layer[split[0]][split[1]] = shape
         elif name.endswith("embed_tokens.weight"):
             embedding += count
             embed_shape = shape
@@ -81,7 +81,8 @@ def analyze_inventory(inv: Inventory, model_name: str) -> dict[str, Any]:
             other += count
     if inv.tied_embeddings and lm_head_shape is None and embed_shape is not None:
         lm_head = numel(embed_shape)  # shown for reference, counted once (in embedding_params)
-    layer_reports = [_finish_layer(i, raw, inv) for i, raw in enumerate(layers)]
+    family = inv.family or GENERIC_FAMILY
+    layer_reports = [_layer_report(i, shapes, inv, family) for i, shapes in enumerate(per_layer)]
     total_layers = sum(layer["total"] for layer in layer_reports)
     total = embedding + (0 if inv.tied_embeddings else lm_head) + final_norm + total_layers + other
     return {
@@ -104,61 +105,44 @@ def analyze_inventory(inv: Inventory, model_name: str) -> dict[str, Any]:
     }
 
 
-def _empty_layer() -> dict[str, Any]:
-    return {
-        "attention": dict.fromkeys(ATTENTION_PROJECTIONS, 0) | {"total": 0, "q_rows": 0, "k_rows": 0},
-        "mlp": dict.fromkeys(MLP_PROJECTIONS, 0) | {"total": 0, "gate_rows": 0},
-        "norm": 0,
-        "other": 0,
-    }
-
-
-def _add_layer_param(
-    raw: dict[str, Any], rest: str, shape: tuple[int, ...], count: int, head_dim: int
-) -> None:
-    """Attribute one parameter inside a decoder layer (``rest`` is e.g. ``self_attn.q_proj.weight``)."""
-    block, _, tail = rest.partition(".")
-    sub = tail.split(".", 1)[0]
-    if block == "self_attn":
-        attn = raw["attention"]
-        attn["total"] += count
-        if sub in ATTENTION_PROJECTIONS:
-            attn[sub] += count
-            if tail.endswith("weight") and sub in ("q_proj", "k_proj"):
-                attn[f"{sub[0]}_rows"] = shape[0]
-    elif block == "mlp":
-        mlp = raw["mlp"]
-        mlp["total"] += count
-        if sub in MLP_PROJECTIONS:
-            mlp[sub] += count
-            if sub == "gate_proj" and tail.endswith("weight"):
-                mlp["gate_rows"] = shape[0]
-    elif "norm" in block:
-        raw["norm"] += count
-    else:
-        raw["other"] += count
-
-
-def _finish_layer(idx: int, raw: dict[str, Any], inv: Inventory) -> dict[str, Any]:
-    attn, mlp = raw["attention"], raw["mlp"]
-    total = attn["total"] + mlp["total"] + raw["norm"] + raw["other"]
+def _layer_report(
+    idx: int, shapes: dict[str, tuple[int, ...]], inv: Inventory, family: FamilyAdapter
+) -> dict[str, Any]:
+    """One layer's counts: each parameter goes to its block (split over the projection fields by the
+    family, fused weights included), to the layer's norms, or to ``other``."""
+    geometry = family.geometry_from_shapes(shapes, inv.head_dim)
+    blocks = {ATTENTION: dict.fromkeys(REPORT_ATTENTION_FIELDS, 0), MLP: dict.fromkeys(REPORT_MLP_FIELDS, 0)}
+    totals = {ATTENTION: 0, MLP: 0}
+    norm = other = 0
+    for name, shape in shapes.items():
+        count = numel(shape)
+        kind = family.block_of(name)
+        if kind is not None:
+            totals[kind] += count
+            for field, part in family.report_fields(name.rpartition(".")[0], count, geometry).items():
+                blocks[kind][field] += part
+        elif "norm" in name.partition(".")[0]:
+            norm += count
+        else:
+            other += count
+    total = totals[ATTENTION] + totals[MLP] + norm + other
     return {
         "layer_idx": idx,
         "total": total,
         "attention": {
-            "type": inv.block_type(idx, "attention", attn["total"] > 0),
-            "total": attn["total"],
-            **{p: attn[p] for p in ATTENTION_PROJECTIONS},
-            "num_heads": attn["q_rows"] // inv.head_dim,
-            "num_kv_heads": attn["k_rows"] // inv.head_dim,
+            "type": inv.block_type(idx, ATTENTION, totals[ATTENTION] > 0),
+            "total": totals[ATTENTION],
+            **blocks[ATTENTION],
+            "num_heads": geometry.num_heads,
+            "num_kv_heads": geometry.num_kv_heads,
         },
         "mlp": {
-            "type": inv.block_type(idx, "mlp", mlp["total"] > 0),
-            "total": mlp["total"],
-            **{p: mlp[p] for p in MLP_PROJECTIONS},
-            "intermediate_size": mlp["gate_rows"],
+            "type": inv.block_type(idx, MLP, totals[MLP] > 0),
+            "total": totals[MLP],
+            **blocks[MLP],
+            "intermediate_size": geometry.intermediate_size,
         },
-        "norm": raw["norm"],
-        "other": raw["other"],
+        "norm": norm,
+        "other": other,
         "is_zero_layer": total == 0,
     }

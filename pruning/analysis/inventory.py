@@ -8,9 +8,15 @@ same report as the live model it came from.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pruning.families.base import numel
+
+if TYPE_CHECKING:
+    from pruning.families import FamilyAdapter
+
+__all__ = ["Inventory", "arch_prefix_for", "dtype_name", "numel", "split_layer_name"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
@@ -30,6 +36,8 @@ class Inventory:
     arch_prefix: str = ""
     # Class names of attention / MLP blocks by layer, when a live module tells them.
     block_types: dict[tuple[int, str], str] = field(default_factory=dict)
+    # Whose names the parameters follow; the Llama naming for a family without an adapter.
+    family: FamilyAdapter | None = None
 
     def block_type(self, layer_idx: int, block: str, has_params: bool) -> str:
         """Class name of a block: the live one if known, else the family's class, or Zero* when empty."""
@@ -40,25 +48,14 @@ class Inventory:
         return f"{self.arch_prefix}{suffix}" if has_params else f"Zero{suffix}"
 
 
-def numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def split_layer_name(name: str) -> tuple[int, str] | None:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``(3, "self_attn.q_proj.weight")``, else None."""
+    """``model.layers.3.<rest>`` -> ``(3, "<rest>")``, else None."""
     match = _LAYER_RE.search(name)
     return (int(match.group(1)), match.group(2)) if match else None
 
 
 def arch_prefix_for(config: Any) -> str:
-    """Class-name prefix of the family (``LlamaForCausalLM`` -> ``Llama``), for naming blocks from shapes."""
-    from pruning.analysis.shape_rules import FAMILIES
-
-    if getattr(config, "model_type", None) in FAMILIES:
-        return FAMILIES[config.model_type][0]
+    """Class-name prefix of a family without an adapter (``GPT2LMHeadModel``...), for naming blocks."""
     architectures = getattr(config, "architectures", None) or []
     for arch in architectures:
         for suffix in ("ForCausalLM", "ForConditionalGeneration", "Model"):

@@ -1,9 +1,8 @@
 """Parameter shapes of the supported families computed from ``config.json`` alone.
 
 Building a model on the meta device gives the same shapes but costs seconds of imports (torch and
-transformers); this costs microseconds. ``tests/test_shape_rules.py`` proves both agree for every
-family listed here. Other families fall back to the meta build. A ``pruning_layout`` (per-layer heads,
-KV heads, intermediate size; 0 = block removed, its norm removed with it) is honoured.
+transformers); the family adapters' rules cost microseconds. ``tests/test_shape_rules.py`` proves both
+agree for every family. Other families fall back to the meta build. A ``pruning_layout`` is honoured.
 """
 
 from __future__ import annotations
@@ -12,45 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# model_type -> (class-name prefix, q/k/v bias default, o bias default, has per-head q/k norms)
-FAMILIES: dict[str, tuple[str, bool, bool, bool]] = {
-    "llama": ("Llama", False, False, False),
-    "mistral": ("Mistral", False, False, False),
-    "qwen2": ("Qwen2", True, False, False),
-    "qwen3": ("Qwen3", False, False, True),
-}
+from pruning.families import FAMILIES, FamilyAdapter, adapter_for
+from pruning.families.layout import LAYOUT_KEY, MAX_LAYERS, Layout
 
-
-LAYOUT_KEY = "pruning_layout"
-LAYOUT_VERSION = 1
-LAYOUT_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 _SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
 _OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads")
-MAX_LAYERS = 10_000  # the deepest published LLMs have a few hundred
-
-
-def check_layout(layout: Any, num_layers: int) -> None:
-    """The one parser of ``pruning_layout``: per-layer lists that a model of ``num_layers`` can take.
-
-    Raises ValueError naming what is wrong; callers add which file it came from.
-    """
-    if not isinstance(layout, Mapping):
-        raise ValueError(f"{LAYOUT_KEY} must be an object, got {type(layout).__name__}")
-    if layout.get("version") != LAYOUT_VERSION:
-        version = layout.get("version")
-        raise ValueError(f"{LAYOUT_KEY}: unsupported version {version!r} (expected {LAYOUT_VERSION})")
-    for key in LAYOUT_SIZES:
-        values = layout.get(key)
-        if (
-            not isinstance(values, list)
-            or len(values) != num_layers
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
-        ):
-            raise ValueError(f"{LAYOUT_KEY}.{key} must be a list of {num_layers} non-negative integers")
-    pairs = zip(layout["num_attention_heads"], layout["num_key_value_heads"], strict=True)
-    for i, (heads, kv) in enumerate(pairs):
-        if (heads == 0) != (kv == 0) or (kv and heads % kv):
-            raise ValueError(f"{LAYOUT_KEY}: layer {i} has {heads} query heads for {kv} KV heads")
 
 
 def check_config_values(config: Mapping[str, Any]) -> None:
@@ -68,7 +33,7 @@ def check_config_values(config: Mapping[str, Any]) -> None:
             f"key 'num_hidden_layers' is {config['num_hidden_layers']:,}; at most {MAX_LAYERS:,}"
         )
     if config.get(LAYOUT_KEY):
-        check_layout(config[LAYOUT_KEY], config["num_hidden_layers"])
+        Layout.parse(config[LAYOUT_KEY], config["num_hidden_layers"])
 
 
 @dataclass(frozen=True)
@@ -83,8 +48,9 @@ class StoredVsConfig:
 def compare_to_config(config: Mapping[str, Any], stored: Mapping[str, tuple[int, ...]]) -> StoredVsConfig:
     """Stored shapes against the config's; extras transformers ignores by design (a tied lm_head's
     copy, old rotary buffers) are not counted as unexpected."""
-    expected = shapes_from_config(config)
-    tied = bool(config.get("tie_word_embeddings", False))
+    adapter = adapter_for(config)
+    expected = adapter.parameter_shapes(config)
+    tied = adapter.tied_embeddings(config)
     return StoredVsConfig(
         missing=sorted(set(expected) - set(stored)),
         mismatched=[(n, stored[n], s) for n, s in sorted(expected.items()) if n in stored and stored[n] != s],
@@ -101,74 +67,11 @@ def first_of(names: list[str]) -> str:
     return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
-def supports(config: Mapping[str, Any]) -> bool:
-    return config.get("model_type") in FAMILIES
-
-
-def head_dim_of(config: Mapping[str, Any]) -> int:
-    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-
-
-def _qkv_bias(config: Mapping[str, Any], default: bool) -> bool:
-    if config.get("model_type") == "qwen2":
-        return True
-    return bool(config.get("attention_bias", default))
-
-
-def layer_sizes(config: Mapping[str, Any]) -> list[tuple[int, int, int]]:
-    """(num_heads, num_kv_heads, intermediate_size) per layer, from the pruning layout when present."""
-    n = int(config["num_hidden_layers"])
-    layout = config.get("pruning_layout")
-    if layout:
-        return list(
-            zip(
-                layout["num_attention_heads"],
-                layout["num_key_value_heads"],
-                layout["intermediate_size"],
-                strict=True,
-            )
-        )
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    return [(heads, kv, int(config["intermediate_size"]))] * n
+def family(config: Mapping[str, Any]) -> FamilyAdapter | None:
+    """The adapter whose rules give this config's shapes, or None (the meta build is used instead)."""
+    return FAMILIES.get(config.get("model_type"))
 
 
 def shapes_from_config(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape, named as transformers names them; a tied lm_head is left out."""
-    _prefix, qkv_default, o_default, qk_norm = FAMILIES[config["model_type"]]
-    hidden, hd = int(config["hidden_size"]), head_dim_of(config)
-    qkv_bias, o_bias = _qkv_bias(config, qkv_default), bool(config.get("attention_bias", o_default))
-    mlp_bias = bool(config.get("mlp_bias", False))
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (int(config["vocab_size"]), hidden)}
-    for i, (heads, kv, inter) in enumerate(layer_sizes(config)):
-        p = f"model.layers.{i}."
-        if heads:
-            for name, rows, bias in (
-                ("q", heads * hd, qkv_bias),
-                ("k", kv * hd, qkv_bias),
-                ("v", kv * hd, qkv_bias),
-            ):
-                shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, hidden)
-                if bias:
-                    shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
-            shapes[f"{p}self_attn.o_proj.weight"] = (hidden, heads * hd)
-            if o_bias:
-                shapes[f"{p}self_attn.o_proj.bias"] = (hidden,)
-            if qk_norm:
-                shapes[f"{p}self_attn.q_norm.weight"] = (hd,)
-                shapes[f"{p}self_attn.k_norm.weight"] = (hd,)
-            shapes[f"{p}input_layernorm.weight"] = (hidden,)
-        if inter:
-            for name, shape in (
-                ("gate", (inter, hidden)),
-                ("up", (inter, hidden)),
-                ("down", (hidden, inter)),
-            ):
-                shapes[f"{p}mlp.{name}_proj.weight"] = shape
-                if mlp_bias:
-                    shapes[f"{p}mlp.{name}_proj.bias"] = (shape[0],)
-            shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (int(config["vocab_size"]), hidden)
-    return shapes
+    return adapter_for(config).parameter_shapes(config)

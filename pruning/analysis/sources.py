@@ -20,6 +20,8 @@ from typing import Any
 from pruning.analysis import shape_rules
 from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
 from pruning.errors import UserError
+from pruning.families import FAMILIES, GENERIC_FAMILY, FamilyAdapter
+from pruning.families.layout import LAYOUT_KEY, Layout
 from pruning.jsonio import read_json_object
 from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
 from pruning.weight_files import (
@@ -61,8 +63,6 @@ def load_inventory(model_or_path: Any, trust_pickle: bool = False) -> Inventory:
 
 # -- live modules ------------------------------------------------------------------------------------
 
-_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)$")
-
 
 def inventory_from_module(model: Any, source: str = "live", dtype: str | None = None) -> Inventory:
     """Shapes of a live (or meta) model; tied weights appear once in ``named_parameters``."""
@@ -72,12 +72,13 @@ def inventory_from_module(model: Any, source: str = "live", dtype: str | None = 
         raise UserError(f"expected a transformers PreTrainedModel or a path, got {type(model).__name__}")
     params = dict(model.named_parameters())
     shapes = {name: tuple(p.shape) for name, p in params.items()}
+    family = FAMILIES.get(getattr(model.config, "model_type", None)) or GENERIC_FAMILY
+    kind_at = {path: kind for kind, path in family.blocks.items()}
     block_types = {}
     for name, module in model.named_modules():
-        match = _BLOCK_RE.search(name)
-        if match:
-            block = "attention" if match.group(2) == "self_attn" else "mlp"
-            block_types[(int(match.group(1)), block)] = type(module).__name__
+        split = split_layer_name(name)
+        if split is not None and split[1] in kind_at:
+            block_types[(split[0], kind_at[split[1]])] = type(module).__name__
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and inp is not None and out.weight is inp.weight
     if dtype is None:
@@ -94,7 +95,7 @@ def inventory_from_config(path: str | Path) -> Inventory:
     config_file = Path(path) / "config.json"
     if config_file.is_file():
         data = read_json_object(config_file)
-        if shape_rules.supports(data):
+        if shape_rules.family(data) is not None:
             _check_values(data, config_file)
             shapes = shape_rules.shapes_from_config(data)
             dtype = dtype_name(data.get("dtype") or data.get("torch_dtype") or "unknown")
@@ -186,7 +187,7 @@ def _plain_config(directory: Path) -> SimpleNamespace:
     data = read_json_object(config_file)
     if "model_type" not in data:
         raise UserError(f"{config_file}: missing key 'model_type'")
-    if shape_rules.supports(data):
+    if shape_rules.family(data) is not None:
         _check_values(data, config_file)
     else:  # another family: only what the counting reads
         for key in ("hidden_size", "num_attention_heads", "head_dim"):
@@ -208,7 +209,7 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
     with a ``pruning_layout`` each has the layout's shape. (Without a layout, shapes may differ: other
     tools prune without recording how, and the weights are the truth the report counts.)"""
     data = vars(config)
-    if not shape_rules.supports(data):
+    if shape_rules.family(data) is None:
         return
     diff = shape_rules.compare_to_config(data, shapes)
     if diff.missing:
@@ -216,7 +217,7 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
             f"{directory}: the weights lack {shape_rules.first_of(diff.missing)}, which config.json says "
             "the model has; the checkpoint is incomplete"
         )
-    if data.get(shape_rules.LAYOUT_KEY) and diff.mismatched:
+    if data.get(LAYOUT_KEY) and diff.mismatched:
         name, shape, needed = diff.mismatched[0]
         raise UserError(
             f"{directory}: {name} is stored as {list(shape)}, but the pruning_layout in "
@@ -226,28 +227,16 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
 
 # -- GGUF --------------------------------------------------------------------------------------------
 
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def gguf_name_to_hf(name: str) -> str | None:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for non-parameters."""
+def gguf_name_to_hf(name: str, family: FamilyAdapter) -> str | None:
+    """A llama.cpp tensor name (``blk.3.<name>.weight``) -> the transformers name the family gives it;
+    None for non-parameters; a name the family does not know is kept as it is."""
     stem, _, kind = name.rpartition(".")
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
-    if match and match.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.{kind}"
+    if match and match.group(2) in family.gguf_names:
+        return f"model.layers.{match.group(1)}.{family.gguf_names[match.group(2)]}.{kind}"
     if stem in _GGUF_TOP_NAMES:
         return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
     if stem == "rope_freqs":  # a rotary buffer in transformers, not a parameter
@@ -271,19 +260,20 @@ def inventory_from_gguf(file: Path) -> Inventory:
     arch = field("general.architecture")
     if arch is None:
         raise UserError(f"{file}: GGUF metadata has no general.architecture")
+    family = FAMILIES.for_gguf_arch(arch)
     hidden = int(field(f"{arch}.embedding_length"))
     heads = int(field(f"{arch}.attention.head_count"))
     shapes: dict[str, tuple[int, ...]] = {}
     types: Counter[str] = Counter()
     for tensor in reader.tensors:
-        hf_name = gguf_name_to_hf(tensor.name)
+        hf_name = gguf_name_to_hf(tensor.name, family or GENERIC_FAMILY)
         if hf_name is None:
             continue
         shapes[hf_name] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         if len(tensor.shape) > 1:
             types[tensor.tensor_type.name] += 1
     config = SimpleNamespace(
-        model_type=arch,
+        model_type=family.model_types[0] if family else arch,
         hidden_size=hidden,
         num_attention_heads=heads,
         head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
@@ -292,7 +282,7 @@ def inventory_from_gguf(file: Path) -> Inventory:
     )
     tied = "lm_head.weight" not in shapes
     dtype = f"gguf:{types.most_common(1)[0][0]}" if types else "gguf"
-    return _inventory(config, shapes, dtype, tied, "gguf", {})
+    return _inventory(config, shapes, dtype, tied, "gguf", {}, family=family)
 
 
 # -- pickles -----------------------------------------------------------------------------------------
@@ -319,14 +309,24 @@ def inventory_from_pickle(file: Path, trust_pickle: bool) -> Inventory:
 
 
 def _inventory(
-    config: Any, shapes: dict[str, tuple[int, ...]], dtype: str, tied: bool, source: str, block_types: dict
+    config: Any,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: str,
+    tied: bool,
+    source: str,
+    block_types: dict,
+    family: FamilyAdapter | None = None,
 ) -> Inventory:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    family = family or FAMILIES.get(getattr(config, "model_type", None))
+    head_dim = (family or GENERIC_FAMILY).head_dim(config)
     layer_ids = {split[0] for name in shapes if (split := split_layer_name(name))}
-    layout = getattr(config, "pruning_layout", None)
     num_layers = getattr(config, "num_hidden_layers", None) or (max(layer_ids) + 1 if layer_ids else 0)
-    if layout and isinstance(layout, dict) and layout.get("num_attention_heads"):
-        num_layers = len(layout["num_attention_heads"])
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        try:
+            num_layers = len(Layout.parse(layout, int(num_layers)))
+        except ValueError as e:
+            raise UserError(f"config.json: {e}") from e
     if num_layers == 0:
         raise UserError("no decoder layers found (expected parameters named like 'model.layers.0....')")
     return Inventory(
@@ -338,6 +338,7 @@ def _inventory(
         dtype=dtype,
         tied_embeddings=tied,
         source=source,
-        arch_prefix=arch_prefix_for(config),
+        arch_prefix=family.class_prefix if family else arch_prefix_for(config),
         block_types=block_types,
+        family=family or GENERIC_FAMILY,
     )

@@ -1,0 +1,24 @@
+"""Mistral: the Llama layout with no biases anywhere (``attention_bias`` is not read) and sliding-window
+attention, which pruning does not touch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pruning.families.llama import LlamaFamily
+
+
+class MistralFamily(LlamaFamily):
+    name = "mistral"
+    model_types = ("mistral",)
+    class_prefix = "Mistral"
+    gguf_arch = "llama"  # llama.cpp stores Mistral as llama
+
+    def qkv_bias(self, config: Any) -> bool:
+        return False
+
+    def o_bias(self, config: Any) -> bool:
+        return False
+
+    def mlp_bias(self, config: Any) -> bool:
+        return False
