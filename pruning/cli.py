@@ -16,7 +16,7 @@ from pruning.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_global_pruning.py",
-        description="Prune a Llama-family model globally to a target share of parameters.",
+        description="Prune a decoder LLM globally to a target share of parameters.",
     )
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--output-dir", help="override output.dir")

@@ -107,6 +107,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from pruning.families import check_supported
+    from pruning.families.layout import LAYOUT_KEY
     from pruning.preflight import read_model_config
 
     if not Path(path).exists() and looks_like_hub_id(path):
@@ -117,7 +118,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot read the config of {path!r}: {str(e).splitlines()[0]}") from e
     check_supported(config)
-    if getattr(config, "pruning_layout", None):
+    if getattr(config, LAYOUT_KEY, None):
         raise UserError(f"model.path: {path} is already pruned; prune the original model instead")
     device = pick_device(cfg.device)
     try:

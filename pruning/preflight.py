@@ -17,6 +17,7 @@ from pruning.analysis import shape_rules
 from pruning.config import PipelineConfig
 from pruning.errors import UserError
 from pruning.families import adapter_for
+from pruning.families.layout import LAYOUT_KEY
 from pruning.jsonio import read_json_object
 from pruning.models import looks_like_hub_id
 from pruning.weight_files import PICKLE_SUFFIXES
@@ -63,7 +64,7 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts:
     """Facts for the checks; a config that cannot describe a prunable model is the user's error."""
     adapter = adapter_for(config)
-    if config.get("pruning_layout"):
+    if config.get(LAYOUT_KEY):
         raise UserError(f"{where}: the model is already pruned; prune the original model instead")
     try:
         shape_rules.check_config_values(config)
@@ -75,8 +76,8 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
             f"{where}: config.json key 'max_position_embeddings' must be a positive integer, got {max_pos!r}"
         )
     _parse_with_transformers(config, where)
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads  # a positive integer: check_config_values saw to it
+    dense = adapter.dense_sizes(config)  # positive integers: check_config_values saw to it
+    heads, kv = dense.num_heads, dense.num_kv_heads
     if heads % kv:
         raise UserError(
             f"{where}: config.json has {heads} attention heads for {kv!r} KV heads; the heads must divide "
@@ -94,7 +95,7 @@ def model_facts(config: dict[str, Any], where: str = "model.path") -> ModelFacts
         num_layers=config["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=kv,
-        intermediate_size=config["intermediate_size"],
+        intermediate_size=dense.intermediate_size,
         max_position_embeddings=max_pos,
         total_params=sum(sizes.values()),
         layer_params=sum(n for name, n in sizes.items() if name.startswith("model.layers.")),

@@ -211,6 +211,7 @@ def test_generic_architecture_falls_back_to_meta_build(tmp_path: Path):
     ("arch", "gguf_arch"),
     [
         ("llama_gqa", "LLAMA"),
+        ("qwen2", "QWEN2"),
         ("phi3", "PHI3"),
         ("gemma2", "GEMMA2"),
         ("gemma3", "GEMMA3"),
@@ -235,7 +236,7 @@ def test_gguf_of_every_family_equals_live(arch: str, gguf_arch: str, tmp_path: P
     writer.add_head_count_kv(model.config.num_key_value_heads)
     writer.add_key_length(16)
     for name, param in model.named_parameters():
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), param.detach().numpy())
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), param.detach().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -224,6 +224,71 @@ def test_phi3_costs_and_report_fields_split_the_fused_weights() -> None:
     )
 
 
+def _phi3_and_its_llama_twin():
+    """A Phi-3 and a Llama computing the same function: the Llama's q/k/v and gate/up are the Phi-3's
+    fused weights split by hand, so its adapter (checked row by row elsewhere) is an independent oracle."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    phi3 = tiny_model("phi3")
+    sizes = {k: getattr(phi3.config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")}
+    config = LlamaConfig(
+        **sizes,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=5,
+        vocab_size=128,
+        rms_norm_eps=phi3.config.rms_norm_eps,
+        rope_parameters=phi3.config.rope_parameters,
+        pad_token_id=0,
+    )
+    llama = LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
+    q, kv = 4 * 16, 2 * 16
+    state = {}
+    for name, tensor in phi3.state_dict().items():
+        if "qkv_proj" in name:
+            for part, rows in (
+                ("q_proj", slice(0, q)),
+                ("k_proj", slice(q, q + kv)),
+                ("v_proj", slice(q + kv, None)),
+            ):
+                state[name.replace("qkv_proj", part)] = tensor[rows]
+        elif "gate_up_proj" in name:
+            gate, up = tensor.chunk(2)
+            (
+                state[name.replace("gate_up_proj", "gate_proj")],
+                state[name.replace("gate_up_proj", "up_proj")],
+            ) = gate, up
+        else:
+            state[name] = tensor
+    llama.load_state_dict(state, strict=True)
+    return phi3, llama
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor"])
+def test_phi3_scores_plans_and_pruned_model_equal_its_llama_twin(criterion: str) -> None:
+    from pruning.importance import get_criterion
+    from pruning.planner import plan_global
+
+    phi3, llama = _phi3_and_its_llama_twin()
+    ids = input_ids(batch=3, length=7)  # inside the tiny Phi-3's sliding window of 8, which Llama lacks
+    with torch.no_grad():
+        torch.testing.assert_close(phi3(ids).logits, llama(ids).logits, atol=1e-5, rtol=0)
+    windows = input_ids(batch=4, length=7, seed=3)
+    scores = [
+        get_criterion(criterion).score(m, None if criterion == "magnitude" else windows)
+        for m in (phi3, llama)
+    ]
+    for a, b in zip(scores[0].attention + scores[0].mlp, scores[1].attention + scores[1].mlp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    plans = [plan_global(m, s, 0.5) for m, s in zip((phi3, llama), scores, strict=True)]
+    assert plans[0].layers == plans[1].layers and plans[0].params_planned == plans[1].params_planned
+    for model, plan in zip((phi3, llama), plans, strict=True):
+        apply_plan(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(phi3(ids).logits, llama(ids).logits, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in phi3.parameters()) == sum(p.numel() for p in llama.parameters())
+
+
 # -- post-norms (Gemma) ----------------------------------------------------------------------------
 
 
@@ -252,7 +317,9 @@ def test_activation_score_measures_what_passes_the_post_norm(arch: str) -> None:
 
 # -- family knowledge lives only in the adapters ----------------------------------------------------
 
-_FAMILY_NAMES = re.compile(r"_proj\b|layernorm|self_attn|\b[qk]_norm|feedforward")
+_FAMILY_NAMES = re.compile(
+    r"_proj\b|layernorm|self_attn|\b[qk]_norm|feedforward|embed_tokens|lm_head\.|inv_freq|rope_freqs|pruning_layout"
+)
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

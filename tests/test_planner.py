@@ -11,6 +11,7 @@ from pruning.families import adapter_for
 from pruning.importance import ActivationCriterion, StructureScores
 from pruning.plan import PruningPlan
 from pruning.planner import plan_global
+from tests.tiny_models import ARCHS
 
 HD, G, K, C, HIDDEN, LAYERS = 16, 2, 2, 128, 64, 3
 
@@ -220,3 +221,35 @@ def test_end_to_end_with_activation_scores(model: LlamaForCausalLM) -> None:
     assert plan.params_planned == physical_param_count(model, plan)
     assert plan.params_planned <= plan.params_target
     assert PruningPlan.from_dict(plan.to_dict()) == plan
+
+
+def _blocks_emptying_scores(model, seed: int) -> StructureScores:
+    """Random scores, with layer 1's attention and layer 3's MLP made cheapest, so plans empty blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter = adapter_for(model.config)
+    geos = [
+        adapter.geometry(layer, adapter.head_dim(model.config)) for layer in adapter.decoder_layers(model)
+    ]
+    attention = [
+        torch.rand(g.num_kv_heads, generator=gen) + (0.0 if i == 1 else 1.0) for i, g in enumerate(geos)
+    ]
+    mlp = [
+        torch.rand(g.intermediate_size, generator=gen) + (0.0 if i == 3 else 1.0) for i, g in enumerate(geos)
+    ]
+    return StructureScores(attention=attention, mlp=mlp, common_scale=True)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.35, 0.6])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planned_size_is_the_size_after_surgery(arch: str, ratio: float):
+    """For every family, biases and per-head norms included, the plan's size is the pruned model's
+    size: an emptied block also frees its output bias, q/k norms and the norms that served it."""
+    from pruning.surgery import apply_plan
+    from tests.tiny_models import tiny_model as family_model
+
+    model = family_model(arch)
+    plan = plan_global(model, _blocks_emptying_scores(model, seed=int(ratio * 100)), ratio)
+    apply_plan(model, plan)
+    assert sum(p.numel() for p in model.parameters()) == plan.params_planned
+    if ratio >= 0.35:
+        assert plan.layers[1].attention_removed or plan.layers[3].mlp_removed

@@ -64,3 +64,24 @@ def test_family_defaults_fill_keys_config_json_omits(model_type: str):
     sparse = {k: v for k, v in config.items() if k not in ("head_dim", "tie_word_embeddings")}
     assert config["head_dim"] == 256 and config["tie_word_embeddings"]
     assert shapes_from_config(sparse) == shapes_from_config(config)
+
+
+SPARSE = {
+    "hidden_size": 256,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 2,
+    "vocab_size": 32064,  # above Phi-3's default pad_token_id
+    "intermediate_size": 96,
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES.model_types()))
+def test_keys_config_json_omits_take_transformers_defaults(model_type: str):
+    """Only the sizes are given: head_dim, KV heads, biases and tying come from the family's defaults,
+    which must be the ones transformers' config class fills in (Qwen3's head_dim is 128, not 256 / 8)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    sparse = {"model_type": model_type, **SPARSE}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type].from_dict(sparse))
+    assert shapes_from_config(sparse) == {name: tuple(p.shape) for name, p in model.named_parameters()}

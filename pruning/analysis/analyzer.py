@@ -61,27 +61,26 @@ def _default_name(model_or_path: Any) -> str:
 def analyze_inventory(inv: Inventory, model_name: str) -> dict[str, Any]:
     """Sort every parameter into exactly one bucket, so the buckets add up to the total."""
     per_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in range(inv.num_layers)]
-    embedding = lm_head = final_norm = other = 0
+    family = inv.family or GENERIC_FAMILY
+    parts = dict.fromkeys(("embedding", "lm_head", "final_norm", "other"), 0)
     lm_head_shape: tuple[int, ...] | None = None
     embed_shape: tuple[int, ...] | None = None
     for name, shape in inv.shapes.items():
-        count = numel(shape)
         split = split_layer_name(name)
         if split is not None and split[0] < inv.num_layers:
             per_layer[split[0]][split[1]] = shape
-        elif name.endswith("embed_tokens.weight"):
-            embedding += count
+            continue
+        part = family.top_level_part(name)
+        parts[part] += numel(shape)
+        if part == "embedding":
             embed_shape = shape
-        elif name.startswith("lm_head."):
-            lm_head += count
+        elif part == "lm_head":
             lm_head_shape = shape
-        elif "norm" in name.rsplit(".", 2)[-2]:
-            final_norm += count
-        else:
-            other += count
+    embedding, lm_head, final_norm, other = (
+        parts[k] for k in ("embedding", "lm_head", "final_norm", "other")
+    )
     if inv.tied_embeddings and lm_head_shape is None and embed_shape is not None:
         lm_head = numel(embed_shape)  # shown for reference, counted once (in embedding_params)
-    family = inv.family or GENERIC_FAMILY
     layer_reports = [_layer_report(i, shapes, inv, family) for i, shapes in enumerate(per_layer)]
     total_layers = sum(layer["total"] for layer in layer_reports)
     total = embedding + (0 if inv.tied_embeddings else lm_head) + final_norm + total_layers + other
@@ -121,7 +120,7 @@ def _layer_report(
             totals[kind] += count
             for field, part in family.report_fields(name.rpartition(".")[0], count, geometry).items():
                 blocks[kind][field] += part
-        elif "norm" in name.partition(".")[0]:
+        elif family.is_layer_norm(name):
             norm += count
         else:
             other += count

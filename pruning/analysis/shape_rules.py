@@ -57,7 +57,7 @@ def compare_to_config(config: Mapping[str, Any], stored: Mapping[str, tuple[int,
         unexpected=sorted(
             n
             for n in set(stored) - set(expected)
-            if not (n == "lm_head.weight" and tied) and not n.endswith("rotary_emb.inv_freq")
+            if not (n == adapter.lm_head and tied) and not n.endswith(adapter.ignored_stored)
         ),
     )
 

@@ -95,12 +95,13 @@ def inventory_from_config(path: str | Path) -> Inventory:
     config_file = Path(path) / "config.json"
     if config_file.is_file():
         data = read_json_object(config_file)
-        if shape_rules.family(data) is not None:
+        family = shape_rules.family(data)
+        if family is not None:
             _check_values(data, config_file)
-            shapes = shape_rules.shapes_from_config(data)
+            shapes = family.parameter_shapes(data)
             dtype = dtype_name(data.get("dtype") or data.get("torch_dtype") or "unknown")
-            tied = "lm_head.weight" not in shapes
-            return _inventory(SimpleNamespace(**data), shapes, dtype, tied, "config", {})
+            tied = family.tied_embeddings(data)
+            return _inventory(SimpleNamespace(**data), shapes, dtype, tied, "config", {}, family=family)
     return _inventory_from_meta_build(path)
 
 
@@ -162,8 +163,9 @@ def inventory_from_safetensors(directory: Path, files: WeightFiles) -> Inventory
             shapes[name] = tuple(tensor.shape)
             dtypes[dtype_name(tensor.dtype)] += 1
     _check_complete(config, shapes, directory)
-    embed = next((n for n in shapes if n.endswith("embed_tokens.weight")), None)
-    tied = "lm_head.weight" not in shapes and embed is not None  # tied weights are stored once
+    family = FAMILIES.get(config.model_type) or GENERIC_FAMILY
+    has_embedding = any(family.top_level_part(name) == "embedding" for name in shapes)
+    tied = family.lm_head not in shapes and has_embedding  # tied weights are stored once
     dtype = dtype_name(dtypes.most_common(1)[0][0]) if dtypes else "unknown"
     return _inventory(config, shapes, dtype, tied, "safetensors", {})
 
@@ -220,14 +222,12 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
     if data.get(LAYOUT_KEY) and diff.mismatched:
         name, shape, needed = diff.mismatched[0]
         raise UserError(
-            f"{directory}: {name} is stored as {list(shape)}, but the pruning_layout in "
+            f"{directory}: {name} is stored as {list(shape)}, but the {LAYOUT_KEY} in "
             f"config.json needs {list(needed)}"
         )
 
 
 # -- GGUF --------------------------------------------------------------------------------------------
-
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def gguf_name_to_hf(name: str, family: FamilyAdapter) -> str | None:
@@ -237,9 +237,9 @@ def gguf_name_to_hf(name: str, family: FamilyAdapter) -> str | None:
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
     if match and match.group(2) in family.gguf_names:
         return f"model.layers.{match.group(1)}.{family.gguf_names[match.group(2)]}.{kind}"
-    if stem in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
-    if stem == "rope_freqs":  # a rotary buffer in transformers, not a parameter
+    if stem in family.gguf_top_names:
+        return f"{family.gguf_top_names[stem]}.{kind}"
+    if stem in family.gguf_buffers:  # computed buffers in transformers, not parameters
         return None
     return name
 
@@ -261,12 +261,13 @@ def inventory_from_gguf(file: Path) -> Inventory:
     if arch is None:
         raise UserError(f"{file}: GGUF metadata has no general.architecture")
     family = FAMILIES.for_gguf_arch(arch)
+    reader_family = family or GENERIC_FAMILY
     hidden = int(field(f"{arch}.embedding_length"))
     heads = int(field(f"{arch}.attention.head_count"))
     shapes: dict[str, tuple[int, ...]] = {}
     types: Counter[str] = Counter()
     for tensor in reader.tensors:
-        hf_name = gguf_name_to_hf(tensor.name, family or GENERIC_FAMILY)
+        hf_name = gguf_name_to_hf(tensor.name, reader_family)
         if hf_name is None:
             continue
         shapes[hf_name] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -276,11 +277,12 @@ def inventory_from_gguf(file: Path) -> Inventory:
         model_type=family.model_types[0] if family else arch,
         hidden_size=hidden,
         num_attention_heads=heads,
-        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
         num_hidden_layers=int(field(f"{arch}.block_count")),
         architectures=None,
     )
-    tied = "lm_head.weight" not in shapes
+    key_length = field(f"{arch}.attention.key_length")
+    config.head_dim = int(key_length) if key_length else reader_family.head_dim(config)
+    tied = reader_family.lm_head not in shapes
     dtype = f"gguf:{types.most_common(1)[0][0]}" if types else "gguf"
     return _inventory(config, shapes, dtype, tied, "gguf", {}, family=family)
 

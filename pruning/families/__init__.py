@@ -99,8 +99,14 @@ class FamilyRegistry:
             return
 
     def for_gguf_arch(self, arch: Any) -> FamilyAdapter | None:
-        """The first registered adapter whose llama.cpp architecture name is ``arch``."""
-        return next((a for a in self._adapters.values() if a.gguf_arch == arch), None)
+        """The first registered adapter whose llama.cpp architecture name is ``arch``, else a plugin
+        named ``arch`` (a plugin's model_type is usually llama.cpp's name too)."""
+        found = next((a for a in self._adapters.values() if a.gguf_arch == arch), None)
+        if found is None:
+            candidate = self.get(arch)
+            if candidate is not None and candidate.gguf_arch in (arch, None):
+                found = candidate
+        return found
 
 
 FAMILIES = FamilyRegistry(BUILTIN)

@@ -149,20 +149,32 @@ class FamilyAdapter:
     gguf_arch: ClassVar[str | None] = None  # llama.cpp's ``general.architecture``
     # llama.cpp tensor names inside ``blk.N.`` -> module paths inside the decoder layer
     gguf_names: ClassVar[Mapping[str, str]] = MappingProxyType({})
-    # Values transformers' config class uses when config.json omits the key
+    # Values transformers' config class gives a key config.json omits (its constructor's defaults)
     config_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     blocks: ClassVar[Mapping[str, str]] = MappingProxyType({ATTENTION: "self_attn", MLP: "mlp"})
+    # Top-level parameters as transformers' causal-LM classes name them
+    embedding: ClassVar[str] = "model.embed_tokens.weight"
+    final_norm: ClassVar[str] = "model.norm.weight"
+    lm_head: ClassVar[str] = "lm_head.weight"
+    # Stored tensors transformers ignores by design (suffixes): old checkpoints' rotary buffers
+    ignored_stored: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    gguf_top_names: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    )
+    gguf_buffers: ClassVar[tuple[str, ...]] = ("rope_freqs",)  # llama.cpp tensors transformers computes
     # A norm's scale is ``weight`` (0.0) or ``1 + weight`` (1.0, Gemma)
     norm_gain_offset: ClassVar[float] = 0.0
 
     # ------------------------------------------------------------------ config.json (torch-free)
 
     def value(self, config: Any, key: str, default: Any = None) -> Any:
-        """A config value from a dict or a config object, with this family's default when absent."""
-        found = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-        if found is None:
-            found = self.config_defaults.get(key, default)
-        return found
+        """A config value from a dict or a config object. A key config.json omits takes the value
+        transformers' config class gives it (``config_defaults``); an explicit null takes ``default``."""
+        present = key in config if isinstance(config, Mapping) else hasattr(config, key)
+        if not present:
+            return self.config_defaults.get(key, default)
+        found = config[key] if isinstance(config, Mapping) else getattr(config, key)
+        return default if found is None else found
 
     def head_dim(self, config: Any) -> int:
         """Per-head width: ``head_dim`` when the config sets it, else hidden_size / num_attention_heads."""
@@ -192,14 +204,14 @@ class FamilyAdapter:
     def parameter_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Every parameter's shape, named as transformers names them; a tied lm_head is left out."""
         hidden, vocab = int(self.value(config, "hidden_size")), int(self.value(config, "vocab_size"))
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+        shapes: dict[str, tuple[int, ...]] = {self.embedding: (vocab, hidden)}
         for i, sizes in enumerate(self.layer_sizes(config)):
             shapes.update(
                 {f"model.layers.{i}.{rest}": s for rest, s in self.layer_shapes(config, sizes).items()}
             )
-        shapes["model.norm.weight"] = (hidden,)
+        shapes[self.final_norm] = (hidden,)
         if not self.tied_embeddings(config):
-            shapes["lm_head.weight"] = (vocab, hidden)
+            shapes[self.lm_head] = (vocab, hidden)
         return shapes
 
     def layer_shapes(self, config: Any, sizes: LayerSizes) -> dict[str, tuple[int, ...]]:
@@ -245,6 +257,18 @@ class FamilyAdapter:
         """Split a parameter of ``module`` (a path inside the layer) over the report's projection fields."""
         field = module.rpartition(".")[2]
         return {field: count} if field in (*REPORT_ATTENTION_FIELDS, *REPORT_MLP_FIELDS) else {}
+
+    def top_level_part(self, name: str) -> str:
+        """``embedding``, ``lm_head``, ``final_norm`` or ``other`` for a parameter outside the layers."""
+        if name.endswith(self.embedding.partition(".")[2]):
+            return "embedding"
+        if name.startswith(self.lm_head.rpartition(".")[0] + "."):
+            return "lm_head"
+        return "final_norm" if "norm" in name.rsplit(".", 2)[-2] else "other"
+
+    def is_layer_norm(self, name: str) -> bool:
+        """A parameter of a norm directly in the decoder layer (name relative to the layer)."""
+        return "norm" in name.partition(".")[0]
 
     def block_of(self, name: str) -> str | None:
         """``attention`` / ``mlp`` for a parameter inside that block (name relative to the layer)."""

@@ -34,7 +34,9 @@ class Gemma2Family(LlamaFamily):
             "post_ffw_norm": "post_feedforward_layernorm",
         }
     )
-    config_defaults = MappingProxyType({"head_dim": 256, "tie_word_embeddings": True})
+    config_defaults = MappingProxyType(
+        {"num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True}
+    )
     norm_gain_offset = 1.0
 
     def mlp_bias(self, config: object) -> bool:

@@ -3,6 +3,7 @@ attention, which pruning does not touch."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from pruning.families.llama import LlamaFamily
@@ -13,6 +14,7 @@ class MistralFamily(LlamaFamily):
     model_types = ("mistral",)
     class_prefix = "Mistral"
     gguf_arch = "llama"  # llama.cpp stores Mistral as llama
+    config_defaults = MappingProxyType({"num_key_value_heads": 8})
 
     def qkv_bias(self, config: Any) -> bool:
         return False

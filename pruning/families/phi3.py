@@ -44,6 +44,7 @@ class Phi3Family(LlamaFamily):
     model_types = ("phi3",)
     class_prefix = "Phi3"
     gguf_arch = "phi3"
+    gguf_buffers = ("rope_freqs", "rope_factors_long", "rope_factors_short")
     gguf_names = MappingProxyType(
         {
             "attn_norm": "input_layernorm",

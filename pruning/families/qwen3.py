@@ -16,6 +16,7 @@ class Qwen3Family(LlamaFamily):
     model_types = ("qwen3",)
     class_prefix = "Qwen3"
     gguf_arch = "qwen3"
+    config_defaults = MappingProxyType({"num_key_value_heads": 32, "head_dim": 128})
     gguf_names = MappingProxyType(
         {**LlamaFamily.gguf_names, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
     )
