@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class CalibrationConfig:
     seq_len: int = 256
     batch_size: int = 4
     seed: int = 0
+    engine: str = "layerwise"  # layerwise | whole_model (pruning.engine)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,23 @@ class PruningConfig:
 class OutputConfig:
     dir: str
     overwrite: bool = False
+    max_shard_size: str = "5GB"  # safetensors shards of at most this size (a bigger tensor gets its own)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return size_in_bytes(self.max_shard_size)
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def size_in_bytes(text: str) -> int:
+    """``5GB`` -> 5 * 10**9, ``512MiB`` -> 512 * 2**20: the units transformers' ``max_shard_size`` takes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", text)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size like 5GB or 512MiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 @dataclass(frozen=True)

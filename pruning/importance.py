@@ -16,16 +16,15 @@ calibration later runs layer by layer on models too big for one forward.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from pruning.engine import Handle, accumulate_gradients, calibrate
 from pruning.errors import UserError
-from pruning.evaluation import input_device
 from pruning.families import KINDS, FamilyAdapter, OwnedSlice, adapter_for
 
 logger = logging.getLogger(__name__)
@@ -124,15 +123,6 @@ def score_layers(
     return StructureScores(attention=attention, mlp=mlp, common_scale=common_scale)
 
 
-def _batches(windows: torch.LongTensor, batch_size: int, desc: str) -> Iterator[torch.LongTensor]:
-    if windows is None or windows.dim() != 2 or windows.shape[0] == 0:
-        raise ValueError("this criterion needs calibration windows of shape [num_samples, seq_len]")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1 (got {batch_size})")
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
-        yield windows[start : start + batch_size]
-
-
 class InputNormCollector:
     """Accumulates, per watched module, the sum of squares of each input feature over all tokens.
 
@@ -143,21 +133,22 @@ class InputNormCollector:
     def __init__(self) -> None:
         self.sumsq: dict[tuple[int, str], torch.Tensor] = {}
         self.rows: dict[tuple[int, str], int] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def attach(self, layer_idx: int, layer: nn.Module, paths: Iterable[str]) -> None:
+    def attach(self, layer_idx: int, layer: nn.Module, paths: Iterable[str]) -> list[Handle]:
         """Watch the inputs of the layer's submodules at ``paths`` (key ``(layer_idx, path)``), and the
-        layer's own input, the residual stream (key ``(layer_idx, "residual")``)."""
+        layer's own input, the residual stream (key ``(layer_idx, "residual")``); returns the hooks."""
+        handles = []
         for path in paths:
             hook = self._make_hook((layer_idx, path))
-            self._handles.append(layer.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+            handles.append(layer.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
         hook = self._make_hook((layer_idx, RESIDUAL))
-        self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def forget(self, layer_idx: int) -> None:
+        """Drop one layer's statistics (once its scores are computed)."""
+        for key in [k for k in self.sumsq if k[0] == layer_idx]:
+            del self.sumsq[key], self.rows[key]
 
     def _make_hook(self, key: tuple[int, str]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -214,39 +205,58 @@ class ActivationCriterion:
     name: ClassVar[str] = "activation"
     needs_data: ClassVar[bool] = True
     batch_size: int = 1
+    engine: str = "layerwise"  # or "whole_model": the same statistics (pruning.engine)
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
-        adapter = adapter_for(model.config)
-        head_dim = adapter.head_dim(model.config)
-        layers = adapter.decoder_layers(model)
-        collector = InputNormCollector()
-        device, was_training = input_device(model), model.training
-        model.eval()
-        try:
-            for idx, layer in enumerate(layers):
-                collector.attach(idx, layer, _read_inputs(adapter, layer, head_dim))
-            with torch.no_grad():
-                for batch in _batches(windows, self.batch_size, "activation statistics"):
-                    model(input_ids=batch.to(device), use_cache=False)
-        finally:
-            collector.detach()
-            model.train(was_training)
+        observer = ActivationObserver(model)
+        calibrate(model, windows, self.batch_size, [observer], self.engine)
+        return observer.scores()
 
-        def importance(layer_idx: int, owned: OwnedSlice, linear: nn.Linear) -> Importance | None:
+
+class ActivationObserver:
+    """The activation criterion's statistics, gathered layer by layer; a layer is scored as soon as every
+    window has been through it, and its statistics are dropped."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.adapter = adapter_for(model.config)
+        self.head_dim = self.adapter.head_dim(model.config)
+        self.num_layers = len(self.adapter.decoder_layers(model))
+        self.collector = InputNormCollector()
+        self.attention: dict[int, torch.Tensor] = {}
+        self.mlp: dict[int, torch.Tensor] = {}
+
+    def watch(self, layer_idx: int, layer: nn.Module) -> list[Handle]:
+        return self.collector.attach(layer_idx, layer, _read_inputs(self.adapter, layer, self.head_dim))
+
+    def layer_done(self, layer_idx: int, layer: nn.Module) -> None:
+        collector, adapter = self.collector, self.adapter
+
+        def importance(idx: int, owned: OwnedSlice, linear: nn.Linear) -> Importance | None:
             if owned.axis != 1:  # only what a structure writes into the stream counts
                 return None
-            residual_per_dim = collector.mean_square(layer_idx, RESIDUAL)
+            residual_per_dim = collector.mean_square(idx, RESIDUAL)
             residual = float(residual_per_dim.median()) * residual_per_dim.numel()
-            mean_sq = collector.mean_square(layer_idx, owned.path).to(linear.weight.device)
+            mean_sq = collector.mean_square(idx, owned.path).to(linear.weight.device)
             energy = linear.weight.detach().float().pow(2) * (mean_sq / residual)[None, :]
             norm_path = adapter.output_norm(adapter.block_of(owned.path))
             if norm_path is not None:
-                gain = adapter.norm_gain(layers[layer_idx].get_submodule(norm_path)).pow(2)
-                block_out = float(collector.mean_square(layer_idx, norm_path).mean())
+                gain = adapter.norm_gain(layer.get_submodule(norm_path)).pow(2)
+                block_out = float(collector.mean_square(idx, norm_path).mean())
                 energy = energy * (gain.to(energy.device) / block_out)[:, None]
             return energy, None
 
-        return score_layers(model, importance, common_scale=True)
+        scores = layer_structure_scores(adapter, layer, layer_idx, self.head_dim, importance)
+        self.attention[layer_idx], self.mlp[layer_idx] = scores
+        collector.forget(layer_idx)
+
+    def scores(self) -> StructureScores:
+        missing = [i for i in range(self.num_layers) if i not in self.attention]
+        if missing:
+            raise RuntimeError(f"layers {missing} were never calibrated")
+        order = range(self.num_layers)
+        return StructureScores(
+            [self.attention[i] for i in order], [self.mlp[i] for i in order], common_scale=True
+        )
 
 
 def _read_inputs(adapter: FamilyAdapter, layer: nn.Module, head_dim: int) -> list[str]:
@@ -287,7 +297,7 @@ class TaylorCriterion:
             for _, linear in owned_linears(adapter, layer, head_dim)
             for p in linear.parameters()
         ]
-        device, was_training = input_device(model), model.training
+        was_training = model.training
         model.eval()  # no dropout; gradients still flow
         try:
             for p in all_params:
@@ -295,12 +305,7 @@ class TaylorCriterion:
                 p.grad = None
             for p in scored:
                 p.requires_grad_(True)
-            total = windows.shape[0] if windows is not None else 0
-            with torch.enable_grad():
-                for batch in _batches(windows, self.batch_size, "taylor gradients"):
-                    batch = batch.to(device)
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                    (loss * (batch.shape[0] / total)).backward()
+            accumulate_gradients(model, windows, self.batch_size)
             return score_layers(model, _taylor_importance, common_scale=True)
         finally:
             for p, requires_grad, grad in saved:

@@ -1,4 +1,4 @@
-"""load -> calibrate -> score -> plan -> prune -> save, emitting lifecycle events to the hooks.
+"""load -> tokenize -> score -> plan -> prune -> save, emitting lifecycle events to the hooks.
 
 ``prepare`` does every check that needs no weights; ``run_pipeline`` sequences the stages inside a
 ``StagedRun`` (locked output directory, private staging copy, published by renames only when the run
@@ -44,7 +44,7 @@ from pruning.staging import StagedRun
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load", "calibrate", "score", "plan", "prune", "save")
+STAGES = ("load", "tokenize", "score", "plan", "prune", "save")
 
 
 @contextmanager
@@ -150,14 +150,18 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     hooks.emit(Event.BEFORE_PRUNE, context)
 
     needs_data = CRITERIA[prn.importance].needs_data
-    criterion = get_criterion(prn.importance, **({"batch_size": cal.batch_size} if needs_data else {}))
+    options = {"batch_size": cal.batch_size} if needs_data else {}
+    if hasattr(CRITERIA[prn.importance], "engine"):
+        options["engine"] = cal.engine
+    criterion = get_criterion(prn.importance, **options)
     windows = None
-    with stage(context, "calibrate", f"Calibration windows: {cal.num_samples} x {cal.seq_len} tokens"):
+    with stage(context, "tokenize", f"Calibration windows: {cal.num_samples} x {cal.seq_len} tokens"):
         if needs_data:
             windows = calibration_windows(
                 cal.source, context.tokenizer, cal.num_samples, cal.seq_len, cal.seed
             )
-    with stage(context, "score", f"Score heads and channels ({prn.importance})"):
+    how = f", {cal.engine.replace('_', ' ')}" if "engine" in options else ""
+    with stage(context, "score", f"Run the windows through the model and score ({prn.importance}{how})"):
         scores = criterion.score(context.model, windows)
     with stage(context, "plan", f"Plan: remove {prn.ratio:.2%} of {prn.ratio_of} parameters, globally"):
         context.plan = plan_global(
@@ -178,7 +182,10 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     with stage(context, "save", f"Save the checkpoint (published to {context.published_dir} when complete)"):
         reports.save(context.plan.to_dict(), context.output_dir / PLAN_FILE)
         context.checkpoint_dir = save_pruned_model(
-            context.model, context.tokenizer, context.output_dir / CHECKPOINT_SUBDIR
+            context.model,
+            context.tokenizer,
+            context.output_dir / CHECKPOINT_SUBDIR,
+            max_shard_size=config.output.max_shard_bytes,
         )
     hooks.emit(Event.AFTER_SAVE, context)
 

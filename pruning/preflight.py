@@ -24,7 +24,6 @@ from pruning.weight_files import PICKLE_SUFFIXES
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_CALIBRATION_TOKENS = 100_000_000  # 0.8 GB of token ids; far beyond any published calibration set
-MAX_SHARD_BYTES = 50 * 10**9  # save_pruned_model's max_shard_size
 _REPORTS_SLACK = 16 * 2**20  # plan, run record, analysis reports, and the filesystem's rounding
 
 
@@ -173,7 +172,10 @@ def estimate_output_bytes(config: PipelineConfig, facts: ModelFacts, model_path:
             for p in source.iterdir()
             if p.is_file() and p.suffix not in (".safetensors", *PICKLE_SUFFIXES, ".gguf")
         )
-    return weights + side_files + _REPORTS_SLACK, min(weights, MAX_SHARD_BYTES)
+    bytes_per_param = DTYPE_BYTES[config.model.dtype]
+    biggest_tensor = int(facts.config["vocab_size"]) * int(facts.config["hidden_size"]) * bytes_per_param
+    largest_file = min(weights, max(config.output.max_shard_bytes, biggest_tensor))  # a tensor is never split
+    return weights + side_files + _REPORTS_SLACK, largest_file
 
 
 def check_file_size_limit(output_dir: Path, largest_file: int) -> None:

@@ -81,17 +81,21 @@ def _check_plan(
     paired = []
     for idx, (layer, lp) in enumerate(zip(layers, plan.layers, strict=True)):
         geo = adapter.geometry(layer, head_dim)
-        if lp.layer_idx != idx:
-            raise ValueError(f"plan entry {idx} is for layer {lp.layer_idx}")
-        if lp.num_kv_groups != geo.num_kv_heads or lp.num_channels != geo.intermediate_size:
-            raise ValueError(
-                f"layer {idx}: plan expects {lp.num_kv_groups} KV groups and {lp.num_channels} MLP channels, "
-                f"the model has {geo.num_kv_heads} and {geo.intermediate_size} (was it pruned already?)"
-            )
-        if geo.num_kv_heads and geo.num_heads % geo.num_kv_heads:
-            raise ValueError(f"layer {idx}: {geo.num_heads} query heads do not split into {geo.num_kv_heads}")
+        _check_layer(idx, lp, geo)
         paired.append((layer, lp, geo))
     return adapter, head_dim, paired
+
+
+def _check_layer(idx: int, lp: LayerPlan, geo: LayerGeometry) -> None:
+    if lp.layer_idx != idx:
+        raise ValueError(f"plan entry {idx} is for layer {lp.layer_idx}")
+    if lp.num_kv_groups != geo.num_kv_heads or lp.num_channels != geo.intermediate_size:
+        raise ValueError(
+            f"layer {idx}: plan expects {lp.num_kv_groups} KV groups and {lp.num_channels} MLP channels, "
+            f"the model has {geo.num_kv_heads} and {geo.intermediate_size} (was it pruned already?)"
+        )
+    if geo.num_kv_heads and geo.num_heads % geo.num_kv_heads:
+        raise ValueError(f"layer {idx}: {geo.num_heads} query heads do not split into {geo.num_kv_heads}")
 
 
 def _removed(lp: LayerPlan, kind: str) -> tuple[Sequence[int], bool]:
@@ -143,6 +147,18 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 len(lp.remove_kv_groups),
                 len(lp.remove_channels),
             )
+
+
+def apply_layer_plan(model: nn.Module, layer_plan: LayerPlan) -> None:
+    """Remove one layer's planned structures: a layer-by-layer pass prunes each layer as it reaches it
+    (``pruning.engine.run_layerwise``'s ``change``), so later layers calibrate on pruned inputs."""
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
+    idx = layer_plan.layer_idx
+    layer = adapter.decoder_layers(model)[idx]
+    geo = adapter.geometry(layer, head_dim)
+    _check_layer(idx, layer_plan, geo)
+    _remove_structures(adapter, layer, idx, head_dim, geo, layer_plan)
 
 
 def zero_plan_structures(model: nn.Module, plan: PruningPlan) -> None:

@@ -195,7 +195,19 @@ BAD = [
     (None, "hooks", [{"name": "analysis", "prams": {}}], "hooks[0]", "('prams' was unexpected)"),
     (None, "hooks", [5], "hooks[0]", "is not valid under any of the given schemas"),
     (None, "hooks", ["analysis", ""], "hooks[1]", "should be non-empty"),
+    ("output", "max_shard_size", "5 gigabytes", "output.max_shard_size", "does not match"),
+    ("calibration", "engine", "streaming", "calibration.engine", "is not one of"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("5GB", 5 * 10**9), ("512MiB", 512 * 2**20), (" 1.5 gb ", 1_500_000_000), ("100KB", 100_000)],
+)
+def test_shard_sizes_read_as_transformers_reads_them(text: str, size: int):
+    from pruning.config import size_in_bytes
+
+    assert size_in_bytes(text) == size
 
 
 @pytest.mark.parametrize(("section", "key", "value", "where", "rule"), BAD)

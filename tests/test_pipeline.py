@@ -108,7 +108,7 @@ def test_run_record(baseline: SimpleNamespace):
         "min_kv_groups": 0,
         "min_channels": 0,
     }
-    assert list(record["timings_s"]) == ["load", "calibrate", "score", "plan", "prune", "save"]
+    assert list(record["timings_s"]) == ["load", "tokenize", "score", "plan", "prune", "save"]
     assert record["target_ratio"] == 0.2 and record["ratio_of"] == "total"
     assert record["params_removed"] == record["params_before"] - record["params_after"] > 0
     assert record["achieved_ratio"] == pytest.approx(record["params_removed"] / record["params_before"])
@@ -162,6 +162,25 @@ def test_every_family_prunes_end_to_end(arch: str, tmp_path: Path):
     with torch.no_grad():
         zero_plan_structures(dense, PruningPlan.from_dict(result.plan))
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_checkpoint_is_sharded_at_max_shard_size(tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace):
+    """Shards of at most output.max_shard_size, an index naming them, and the same model as one file."""
+    from safetensors import safe_open
+
+    sharded = prune(tmp_path, tiny_dir, output={"max_shard_size": "100KB"})
+    assert sharded.code == 0 and sharded.plan == baseline.plan
+    models = sharded.out / "models"
+    shards = sorted(models.glob("*.safetensors"))
+    assert len(shards) >= 3 and (models / "model.safetensors.index.json").is_file()
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            if len(list(f.keys())) > 1:  # a shard of several tensors stays within the limit
+                assert shard.stat().st_size <= 100_000 + 10_000  # plus the header
+    one, many = pruning.load_pruned_model(baseline.out / "models"), pruning.load_pruned_model(models)
+    ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(one(ids).logits, many(ids).logits)
 
 
 def test_source_model_directory_is_untouched(baseline: SimpleNamespace, tiny_dir: Path):

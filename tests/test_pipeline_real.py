@@ -90,3 +90,24 @@ def test_comparison_is_logged(real_run: SimpleNamespace):
     assert "Detailed comparison report" in log
     assert "checked against the model in memory" in log
     assert f"{real_run.record['params_after']:,}" in log
+
+
+def test_both_calibration_engines_give_the_same_plan_on_smollm2(smollm2_dir: Path):
+    """The real model, 8 windows of 128 tokens: layer by layer and whole model, bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pruning.data import calibration_windows
+    from pruning.importance import ActivationCriterion
+    from pruning.planner import plan_global
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    windows = calibration_windows(str(REPO / "data/wikitext-2-raw/wiki.valid.raw"), tokenizer, 8, 128, 0)
+    scores = [
+        ActivationCriterion(batch_size=3, engine=e).score(model, windows)
+        for e in ("layerwise", "whole_model")
+    ]
+    pairs = zip(scores[0].attention + scores[0].mlp, scores[1].attention + scores[1].mlp, strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    plans = [plan_global(model, s, 0.2) for s in scores]
+    assert plans[0].layers == plans[1].layers and plans[0].params_planned == plans[1].params_planned

@@ -134,7 +134,7 @@ def test_dry_run_llama2_writes_nothing():
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "load -> calibrate -> score -> plan -> prune -> save" in out
+    assert "load -> tokenize -> score -> plan -> prune -> save" in out
     assert "events before_prune, after_prune, after_save" in out
     assert "128 windows x 512 tokens" in out
     assert "(llama, 32 layers, 32Q:32KV heads, 6,738,415,616 parameters, bfloat16 on auto)" in out

@@ -1,0 +1,201 @@
+"""Calibration engine: runs calibration windows through a model for observers that collect statistics.
+
+Two paths give the same statistics (the same kernels on the same inputs, in the same order):
+
+- ``layerwise``: the inputs every decoder layer receives are captured once, with every decoder layer's
+  forward replaced by a recorder (so no layer computes and, for a streamed model, none needs its
+  weights); then each layer in turn runs on the cached hidden states, batch by batch, with the observers
+  watching it, and its outputs become the next layer's inputs. Only one layer works at a time, and only
+  its statistics need to be alive: the pass a model larger than memory, and compensation, build on.
+- ``whole_model``: one ordinary forward per batch with every layer watched; cheaper when the whole
+  model and a batch's activations fit on one device anyway.
+
+Per-layer arguments are recorded per layer, not once: Gemma 2/3 give sliding and global layers different
+masks and rotary tables. Criteria are observers (``LayerObserver``) and hold no data loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning.errors import UserError
+from pruning.evaluation import input_device
+from pruning.families import adapter_for
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("layerwise", "whole_model")
+Handle = torch.utils.hooks.RemovableHandle
+
+
+# Called with (layer index, layer) just before the layer computes, in a layerwise pass: it may change
+# the layer (prune it, refit it), and the next layer then receives what the changed layer outputs.
+LayerChange = Callable[[int, nn.Module], None]
+
+
+class LayerObserver(Protocol):
+    """Something that collects statistics from decoder layers while calibration data runs through them."""
+
+    def watch(self, layer_idx: int, layer: nn.Module) -> list[Handle]:
+        """Register hooks on the layer (and its modules) before data runs through it; return them."""
+        ...
+
+    def layer_done(self, layer_idx: int, layer: nn.Module) -> None:
+        """Every calibration window has been through this layer; its statistics are complete."""
+        ...
+
+
+@dataclass
+class LayerInputs:
+    """What each decoder layer receives, per batch: the hidden states entering the first layer (later
+    replaced by each layer's outputs as the pass goes on), and every layer's other arguments."""
+
+    hidden: list[torch.Tensor]
+    args: list[list[tuple[Any, ...]]] = field(default_factory=list)  # [layer][batch]
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # [layer][batch]
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing after the decoder layers needs to run."""
+
+
+def batches(windows: torch.LongTensor | None, batch_size: int) -> list[torch.LongTensor]:
+    """Calibration windows split into batches (the last one may be smaller)."""
+    if windows is None or windows.dim() != 2 or windows.shape[0] == 0:
+        raise ValueError("calibration needs windows of shape [num_samples, seq_len]")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1 (got {batch_size})")
+    return [windows[start : start + batch_size] for start in range(0, windows.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size: int) -> LayerInputs:
+    """Run the model with every decoder layer's forward replaced by a recorder that passes its input on.
+
+    Embeddings, rotary tables and masks are computed by the model's own code, so each layer's recorded
+    arguments are exactly what the whole-model forward gives it.
+    """
+    layers = adapter_for(model.config).decoder_layers(model)
+    num_layers = len(layers)
+    inputs = LayerInputs(hidden=[], args=[[] for _ in layers], kwargs=[[] for _ in layers])
+    first: list[torch.Tensor] = []
+
+    def recorder(idx: int):
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if idx == 0:
+                first.append(hidden_states)
+            inputs.args[idx].append(args)
+            inputs.kwargs[idx].append(
+                {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            )
+            if idx == num_layers - 1:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    for idx, layer in enumerate(layers):
+        layer.forward = recorder(idx)
+    try:
+        device = input_device(model)
+        for batch in batches(windows, batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+    inputs.hidden = first
+    return inputs
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    windows: torch.LongTensor,
+    batch_size: int,
+    observers: Sequence[LayerObserver],
+    change: LayerChange | None = None,
+) -> None:
+    """Each decoder layer in turn, on every batch of the cached inputs, with the observers watching.
+
+    ``change`` runs on each layer before it computes (the point where a second pass prunes a layer
+    or refits it on the inputs the already-changed earlier layers produce).
+    """
+    layers = adapter_for(model.config).decoder_layers(model)
+    inputs = capture_layer_inputs(model, windows, batch_size)
+    for idx in tqdm(range(len(layers)), desc="calibration, layer by layer", unit="layer"):
+        if change is not None:
+            change(idx, layers[idx])
+        layer = layers[idx]  # ``change`` may have replaced it
+        handles = [h for observer in observers for h in observer.watch(idx, layer)]
+        try:
+            for b, hidden in enumerate(inputs.hidden):
+                out = layer(hidden, *inputs.args[idx][b], **inputs.kwargs[idx][b])
+                inputs.hidden[b] = out[0] if isinstance(out, tuple) else out
+        finally:
+            for handle in handles:
+                handle.remove()
+        inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
+        for observer in observers:
+            observer.layer_done(idx, layer)
+
+
+@torch.no_grad()
+def run_whole_model(
+    model: nn.Module, windows: torch.LongTensor, batch_size: int, observers: Sequence[LayerObserver]
+) -> None:
+    """One ordinary forward per batch, every layer watched at once."""
+    layers = adapter_for(model.config).decoder_layers(model)
+    handles = [
+        h for idx, layer in enumerate(layers) for observer in observers for h in observer.watch(idx, layer)
+    ]
+    device = input_device(model)
+    try:
+        for batch in tqdm(batches(windows, batch_size), desc="calibration, whole model", unit="batch"):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for idx, layer in enumerate(layers):
+        for observer in observers:
+            observer.layer_done(idx, layer)
+
+
+def accumulate_gradients(model: nn.Module, windows: torch.LongTensor, batch_size: int) -> None:
+    """Gradients of the mean causal-LM loss over all windows, in ``.grad`` of the parameters that
+    require them: a whole-model backward per batch (the loss is global, so this cannot go layer by layer)."""
+    device = input_device(model)
+    parts = batches(windows, batch_size)
+    total = windows.shape[0]
+    with torch.enable_grad():
+        for batch in tqdm(parts, desc="taylor gradients", unit="batch"):
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            (loss * (batch.shape[0] / total)).backward()
+
+
+def calibrate(
+    model: nn.Module,
+    windows: torch.LongTensor,
+    batch_size: int,
+    observers: Sequence[LayerObserver],
+    engine: str = "layerwise",
+) -> None:
+    """Run the windows through the model for the observers, in eval mode (restored afterwards)."""
+    if engine not in ENGINES:
+        raise UserError(f"calibration.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        run = run_layerwise if engine == "layerwise" else run_whole_model
+        run(model, windows, batch_size, observers)
+    finally:
+        model.train(was_training)

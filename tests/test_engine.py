@@ -1,0 +1,132 @@
+"""The calibration engine: layer by layer and whole model give the same statistics, scores and plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.engine import calibrate, capture_layer_inputs
+from pruning.errors import UserError
+from pruning.families import adapter_for
+from pruning.importance import ActivationCriterion
+from pruning.planner import plan_global
+from pruning.surgery import apply_plan
+from tests.tiny_models import ARCH_IMPLS, input_ids, make_plan, tiny_model
+
+
+class OutputRecorder:
+    """An observer that keeps every layer's outputs, batch by batch."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.done: list[int] = []
+
+    def watch(self, layer_idx: int, layer: nn.Module):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self.outputs.setdefault(layer_idx, []).append(out.detach().clone())
+
+        return [layer.register_forward_hook(hook)]
+
+    def layer_done(self, layer_idx: int, layer: nn.Module) -> None:
+        self.done.append(layer_idx)
+
+
+def _windows(count: int = 5, length: int = 12) -> torch.LongTensor:
+    return input_ids(batch=count, length=length, seed=7)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize(("arch", "impl"), ARCH_IMPLS)
+def test_every_layer_sees_the_same_inputs_on_both_paths(arch: str, impl: str, batch_size: int) -> None:
+    """Sliding-window lengths (12 > 8) and Gemma's per-layer masks and rotary tables included."""
+    model = tiny_model(arch, impl)
+    recorders = {engine: OutputRecorder() for engine in ("layerwise", "whole_model")}
+    for engine, recorder in recorders.items():
+        calibrate(model, _windows(), batch_size, [recorder], engine)
+    layerwise, whole = recorders["layerwise"], recorders["whole_model"]
+    assert layerwise.done == whole.done == list(range(5))
+    for idx in range(5):
+        assert len(layerwise.outputs[idx]) == len(whole.outputs[idx]) == -(-5 // batch_size)
+        for a, b in zip(layerwise.outputs[idx], whole.outputs[idx], strict=True):
+            assert torch.equal(a, b)  # the same kernels on the same inputs: bit for bit
+
+
+@pytest.mark.parametrize("arch", ["llama_mha", "qwen3", "phi3", "gemma2", "gemma3"])
+def test_activation_scores_and_plans_are_the_same_on_both_paths(arch: str) -> None:
+    model = tiny_model(arch)
+    windows = _windows()
+    scores = {
+        e: ActivationCriterion(batch_size=2, engine=e).score(model, windows)
+        for e in ("layerwise", "whole_model")
+    }
+    a, b = scores["layerwise"], scores["whole_model"]
+    assert all(torch.equal(x, y) for x, y in zip(a.attention + a.mlp, b.attention + b.mlp, strict=True))
+    assert plan_global(model, a, 0.3).layers == plan_global(model, b, 0.3).layers
+
+
+def test_a_pruned_model_calibrates_layer_by_layer() -> None:
+    """Zero* blocks and per-layer sizes: the engine only calls layers, whatever they hold."""
+    model = tiny_model("qwen2")
+    apply_plan(model, make_plan(model))
+    windows = _windows()
+    a = ActivationCriterion(batch_size=2, engine="layerwise").score(model, windows)
+    b = ActivationCriterion(batch_size=2, engine="whole_model").score(model, windows)
+    assert [t.numel() for t in a.attention] == [0, 1, 0, 1, 2]
+    for x, y in zip(a.attention + a.mlp, b.attention + b.mlp, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=0)
+
+
+def test_capture_records_each_layer_and_restores_forward() -> None:
+    model = tiny_model("gemma3")
+    layers = adapter_for(model.config).decoder_layers(model)
+    inputs = capture_layer_inputs(model, _windows(), 2)
+    assert len(inputs.hidden) == 3 and inputs.hidden[0].shape == (2, 12, 64)
+    assert all(len(per_batch) == 3 for per_batch in inputs.kwargs)
+    # sliding and global layers get different masks (layer_types alternate in the tiny Gemma 3)
+    masks = [inputs.kwargs[i][0]["attention_mask"] for i in (0, 1)]
+    assert not torch.equal(masks[0], masks[1])
+    assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_forward_is_restored_when_capture_fails() -> None:
+    model = tiny_model("llama_gqa")
+    layers = adapter_for(model.config).decoder_layers(model)
+    with pytest.raises(IndexError):
+        capture_layer_inputs(model, torch.full((2, 6), 10_000), 2)  # token ids beyond the vocabulary
+    assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_unknown_engine_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="calibration.engine"):
+        calibrate(tiny_model("llama_gqa"), _windows(), 2, [], "streaming")
+
+
+@pytest.mark.parametrize("arch", ["llama_mha", "phi3", "gemma3"])
+def test_a_pass_that_prunes_each_layer_as_it_goes_equals_the_pruned_model(arch: str) -> None:
+    """The change hook: each layer is pruned just before it computes, so every later layer sees the
+    outputs of pruned layers, exactly what the pruned model's own forward gives it."""
+    import copy
+
+    from pruning.engine import run_layerwise, run_whole_model
+    from pruning.surgery import apply_layer_plan
+
+    model = tiny_model(arch)
+    plan = make_plan(model)
+    reference = copy.deepcopy(model)
+    apply_plan(reference, plan)
+    as_it_goes, whole = OutputRecorder(), OutputRecorder()
+    run_layerwise(
+        model,
+        _windows(),
+        2,
+        [as_it_goes],
+        change=lambda idx, layer: apply_layer_plan(model, plan.layers[idx]),
+    )
+    run_whole_model(reference, _windows(), 2, [whole])
+    for idx in range(5):
+        assert all(
+            torch.equal(a, b) for a, b in zip(as_it_goes.outputs[idx], whole.outputs[idx], strict=True)
+        )
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
