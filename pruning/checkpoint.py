@@ -210,6 +210,87 @@ def _check_shapes(path: Path, model: nn.Module, files: WeightFiles) -> None:
             )
 
 
+def _check_names(path: Path, model: nn.Module, files: WeightFiles) -> None:
+    """The files hold every parameter of the skeleton (tied ones excepted) and nothing else."""
+    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+    expected = set(model.state_dict(keep_vars=True)) - tied
+    stored = set(stored_tensors(files))
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not match the config's architecture; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(missing) > 5 or len(unexpected) > 5 else ''}"
+        )
+
+
+def _load_dispatched(
+    path: Path,
+    model: nn.Module,
+    files: WeightFiles,
+    dtype: torch.dtype | None,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> nn.Module:
+    """accelerate reads the shards module by module straight to their devices (or the offload folder)."""
+    from accelerate import load_checkpoint_and_dispatch
+
+    if files.pickles:
+        raise UserError(f"{path}: device_map needs safetensors weights; this checkpoint has pickled shards")
+    _check_names(path, model, files)
+    layer_classes = sorted(
+        {type(layer).__name__ for layer in adapter_for(model.config).decoder_layers(model)}
+    )
+    if isinstance(device_map, str) and device_map != "cpu":
+        device_map = _infer_device_map(model, device_map, max_memory, layer_classes, dtype)
+    if isinstance(device_map, dict) and set(device_map.values()) == {"disk"}:
+        raise UserError(f"{path}: max_memory {max_memory} leaves no room for any layer; all would go to disk")
+    try:
+        model = load_checkpoint_and_dispatch(
+            model,
+            str(path),
+            device_map=device_map,
+            max_memory=max_memory,
+            no_split_module_classes=layer_classes,
+            offload_folder=None if offload_folder is None else str(offload_folder),
+            dtype=dtype,
+        )
+    except ValueError as e:  # accelerate's word for a map it cannot honour (disk without a folder, ...)
+        raise UserError(f"{path}: device_map {device_map!r}: {str(e).splitlines()[0]}") from e
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    logger.info("loaded %s onto %s", path, getattr(model, "hf_device_map", device_map))
+    return model.eval()
+
+
+def _infer_device_map(
+    model: nn.Module,
+    how: str,
+    max_memory: dict[Any, Any] | None,
+    layer_classes: list[str],
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """accelerate's ``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential``, resolved as
+    ``load_checkpoint_and_dispatch`` resolves them, but here, so that the map can be checked."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    if how not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise UserError(
+            f"device_map {how!r}: expected auto, balanced, balanced_low_0, sequential, cpu or a dict"
+        )
+    if how != "sequential":
+        max_memory = get_balanced_memory(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=layer_classes,
+            dtype=dtype,
+            low_zero=how == "balanced_low_0",
+        )
+    return infer_auto_device_map(
+        model, max_memory=max_memory, no_split_module_classes=layer_classes, dtype=dtype
+    )
+
+
 def _read_state(
     files: WeightFiles, dtype: torch.dtype | None, device: str | torch.device
 ) -> dict[str, torch.Tensor]:
@@ -232,6 +313,9 @@ def load_pruned_model(
     *,
     trust_pickle: bool = False,
     attn_implementation: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Load a checkpoint written by ``save_pruned_model`` (or any stock safetensors one), in eval mode.
 
@@ -239,6 +323,11 @@ def load_pruned_model(
     gives it, and no stored tensor may go unused; every shard the index names must be there and whole.
     ``dtype`` None keeps the stored dtype. Pickles (a whole-model file, ``.bin`` shards, an index that
     points at them) are refused unless ``trust_pickle=True``.
+
+    ``device_map`` (accelerate's: ``"auto"``, ``"balanced"``, ``"cpu"``, or a map of module names to
+    devices, ``"cpu"`` or ``"disk"``) places each module as it is read, shard by shard, so the whole
+    model never sits on one device; ``max_memory`` and ``offload_folder`` are passed on. A decoder layer
+    is never split across devices.
     """
     path = Path(path)
     if not path.exists():
@@ -256,6 +345,8 @@ def load_pruned_model(
         raise UserError(f"{path} holds no weights (no model.safetensors, index or shards)")
     model = build_pruned_skeleton(config, attn_implementation=attn_implementation)
     _check_shapes(path, model, files)
+    if device_map is not None:
+        return _load_dispatched(path, model, files, dtype, device_map, max_memory, offload_folder)
     state = _read_state(files, dtype, device)
 
     tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))

@@ -284,3 +284,61 @@ def test_a_writer_bug_fails_the_save_and_publishes_nothing(tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match=r"model.layers.1.mlp.up_proj.weight not saved"):
         save_pruned_model(model, None, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- device maps -------------------------------------------------------------------------------------
+
+
+def _cpu_and_disk_map(num_layers: int) -> dict[str, str]:
+    """Odd layers offloaded to disk, everything else on the CPU (what a GPU map does, on a CPU)."""
+    layers = {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(num_layers)}
+    return {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        **layers,
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma3"])
+def test_device_map_with_disk_offload_gives_the_same_model(arch: str, tmp_path: Path) -> None:
+    model = _pruned(arch)
+    out = save_pruned_model(model, None, tmp_path / "m", max_shard_size="40KB")
+    plain = load_pruned_model(out)
+    mapped = load_pruned_model(out, device_map=_cpu_and_disk_map(5), offload_folder=tmp_path / "offload")
+    assert mapped.hf_device_map["model.layers.1"] == "disk"
+    assert any((tmp_path / "offload").iterdir())  # the offloaded layers' weights went to the folder
+    ids = input_ids(batch=3)
+    with torch.no_grad():
+        assert torch.equal(mapped(ids).logits, plain(ids).logits)
+
+
+def test_auto_device_map_within_a_memory_budget(tmp_path: Path) -> None:
+    """``auto`` with a CPU budget smaller than the model puts the rest on disk, whole layers at a time."""
+    model = _pruned("llama_gqa")
+    out = save_pruned_model(model, None, tmp_path / "m")
+    budget = sum(p.numel() * p.element_size() for p in model.parameters()) * 3 // 4
+    mapped = load_pruned_model(
+        out, device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "off"
+    )
+    placed = set(mapped.hf_device_map.values())
+    assert "disk" in placed and "cpu" in placed
+    assert all(not name.startswith("model.layers.1.") for name in mapped.hf_device_map)  # layers stay whole
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.equal(mapped(ids).logits, load_pruned_model(out)(ids).logits)
+
+
+def test_device_map_checks_the_weights_first(tmp_path: Path) -> None:
+    out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
+    state = load_file(out / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, out / "model.safetensors")
+    with pytest.raises(UserError, match="missing.*down_proj"):
+        load_pruned_model(out, device_map="cpu")
+    good = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "n")
+    with pytest.raises(UserError, match="device_map"):  # disk offload without a folder
+        load_pruned_model(good, device_map=_cpu_and_disk_map(5))
+    with pytest.raises(UserError, match="no room for any layer"):
+        load_pruned_model(good, device_map="auto", max_memory={"cpu": 1000}, offload_folder=tmp_path / "off")
