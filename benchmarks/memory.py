@@ -1,0 +1,189 @@
+"""Peak memory and wall time of the whole pipeline on random Llama-shaped bf16 models.
+
+    python benchmarks/memory.py [--shape 1b|7b|13b] [--runs N] [--engines layerwise,whole_model]
+
+Writes a random-initialised model of the chosen shapes shard by shard (never whole in memory) into a
+temporary directory, with SmolLM2's tokenizer, then runs ``run_global_pruning.py`` on it (activation
+criterion, 20%, analysis hook, save; 8 calibration windows of 64 tokens) once per engine and run, each
+in a fresh process, and prints the medians side by side: peak resident memory (the run's own
+``ru_maxrss``, in run.json), its ratio to the weight bytes, and time per stage. The plans of all runs
+must be equal; a difference exits 1. Missed targets are printed, not fatal.
+
+The benchmark process itself never imports torch, so a child's ``ru_maxrss`` (which Linux carries over
+across ``exec`` from the forking process) is the child's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads (vocabulary: SmolLM2's tokenizer, 49,152)
+    "1b": (2048, 5632, 22, 32, 4),  # TinyLlama-1.1B
+    "7b": (4096, 11008, 32, 32, 32),  # Llama-2-7B
+    "13b": (5120, 13824, 40, 40, 40),  # Llama-2-13B
+}
+SHARD_BYTES = 2 * 10**9
+TARGET_RATIO = 1.2  # in-memory path: peak RSS at most 1.2x the weight bytes (issue target)
+ENV = {
+    **os.environ,
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
+
+
+def write_random_model(directory: Path, shape: str, tokenizer_dir: Path) -> None:
+    """Child process: config, tokenizer and bf16 safetensors shards of random weights, tensor by tensor."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv = SHAPES[shape]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, directory / name)
+    gen = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, total, index = 0, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes, index
+        if shard:
+            index += 1
+            file = f"model-{index:05d}.safetensors"
+            save_file(shard, str(directory / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            shard, shard_bytes = {}, 0
+
+    for name, param in skeleton.named_parameters():
+        if "norm" in name:
+            tensor = torch.ones(param.shape, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(param.shape, generator=gen) * 0.02).to(torch.bfloat16)
+        size = tensor.numel() * 2
+        if shard_bytes + size > SHARD_BYTES:
+            flush()
+        shard[name] = tensor
+        shard_bytes += size
+        total += size
+    flush()
+    index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
+
+
+def run_pipeline(model_dir: Path, out: Path, engine: str) -> dict:
+    args = [
+        sys.executable,
+        str(ROOT / "run_global_pruning.py"),
+        "--config",
+        str(ROOT / "configs/smollm2_0.2.yaml"),
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        "model.dtype=bfloat16",
+        "--set",
+        "calibration.num_samples=8",
+        "--set",
+        "calibration.seq_len=64",
+        "--set",
+        f"calibration.engine={engine}",
+        "--output-dir",
+        str(out),
+    ]
+    result = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"pipeline failed ({engine}):\n{result.stderr[-3000:]}")
+    record = json.loads((out / "run.json").read_text())
+    record["plan"] = json.loads((out / "plan.json").read_text())
+    return record
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return json.loads((model_dir / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--engines", default="whole_model,layerwise")
+    parser.add_argument(
+        "--child-write", nargs=3, metavar=("DIR", "SHAPE", "TOKENIZER_DIR"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.child_write:
+        directory, shape, tokenizer_dir = args.child_write
+        write_random_model(Path(directory), shape, Path(tokenizer_dir))
+        return 0
+
+    tokenizer_dir = (
+        subprocess.run(
+            [sys.executable, "-c", "from pruning.models import resolve; print(resolve('smollm2-135m'))"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    with tempfile.TemporaryDirectory(prefix="pruning-memory-") as tmp:
+        model_dir = Path(tmp) / f"random-llama-{args.shape}"
+        subprocess.run(
+            [sys.executable, __file__, "--child-write", str(model_dir), args.shape, tokenizer_dir],
+            env=ENV,
+            check=True,
+        )
+        weights = weight_bytes(model_dir)
+        print(f"random Llama-shaped {args.shape} model, bf16: {weights / 2**30:.2f} GiB of weights")
+        results: dict[str, list[dict]] = {}
+        for run in range(args.runs):
+            for engine in args.engines.split(","):
+                out = Path(tmp) / f"out-{engine}-{run}"
+                results.setdefault(engine, []).append(run_pipeline(model_dir, out, engine))
+                shutil.rmtree(out)
+        plans = [r["plan"]["layers"] for records in results.values() for r in records]
+        same_plan = all(plan == plans[0] for plan in plans)
+        print(f"{'engine':<12} {'peak RSS':>10} {'x weights':>10}  time per stage (medians of {args.runs})")
+        for engine, records in results.items():
+            peak = statistics.median(r["peak_rss_mb"] for r in records) * 2**20
+            stages = {
+                k: statistics.median(r["timings_s"][k] for r in records) for k in records[0]["timings_s"]
+            }
+            ratio = peak / weights
+            verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
+            timing = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+            target = f"[{verdict} <= {TARGET_RATIO}x]"
+            print(f"{engine:<12} {peak / 2**30:>8.2f} GiB {ratio:>9.2f}x  {timing}  {target}")
+        print(f"same plan from every run: {same_plan}")
+        return 0 if same_plan else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
