@@ -130,3 +130,17 @@ def test_a_pass_that_prunes_each_layer_as_it_goes_equals_the_pruned_model(arch: 
             torch.equal(a, b) for a, b in zip(as_it_goes.outputs[idx], whole.outputs[idx], strict=True)
         )
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_bf16_model_calibrates_with_fp32_statistics() -> None:
+    """A bf16 model stays bf16 (no fp32 copy of it); statistics and scores are accumulated in fp32."""
+    model = tiny_model("llama_gqa").to(torch.bfloat16)
+    windows = _windows()
+    a = ActivationCriterion(batch_size=2, engine="layerwise").score(model, windows)
+    b = ActivationCriterion(batch_size=2, engine="whole_model").score(model, windows)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for x, y in zip(a.attention + a.mlp, b.attention + b.mlp, strict=True):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all() and torch.equal(x, y)
+    reference = ActivationCriterion(batch_size=2).score(tiny_model("llama_gqa"), windows)  # the fp32 model
+    for x, y in zip(a.mlp, reference.mlp, strict=True):
+        assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.99  # bf16 rounding, same ranking signal
