@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pruning import file_pages
 from pruning.families import ATTENTION, KINDS, FamilyAdapter, LayerGeometry, Layout, adapter_for
 from pruning.plan import LayerPlan, PruningPlan
 
@@ -41,6 +42,7 @@ def _prune_out(linear: nn.Linear, remove: Sequence[int]) -> None:
     if bias is not None:
         linear.bias = nn.Parameter(_keep(bias, 0, remove), requires_grad=bias.requires_grad)
     linear.out_features = linear.weight.shape[0]
+    _release(weight, bias)
 
 
 def _prune_in(linear: nn.Linear, remove: Sequence[int]) -> None:
@@ -48,6 +50,15 @@ def _prune_in(linear: nn.Linear, remove: Sequence[int]) -> None:
     weight = linear.weight
     linear.weight = nn.Parameter(_keep(weight, 1, remove), requires_grad=weight.requires_grad)
     linear.in_features = linear.weight.shape[1]
+    _release(weight)
+
+
+def _release(*replaced: torch.Tensor | None) -> None:
+    """The replaced weights' file pages may go (see pruning.file_pages): without this the mapped file
+    stays resident beside the pruned copies."""
+    for tensor in replaced:
+        if tensor is not None and not tensor.is_meta:
+            file_pages.release(tensor.detach())
 
 
 @torch.no_grad()
