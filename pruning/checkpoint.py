@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,12 @@ def _check_shapes(path: Path, model: nn.Module, files: WeightFiles) -> None:
 
 
 def _check_names(path: Path, model: nn.Module, files: WeightFiles) -> None:
-    """The files hold every parameter of the skeleton (tied ones excepted) and nothing else."""
+    """The files hold every parameter of the skeleton and nothing else; a tied weight may be stored or
+    not (transformers stores it once; older checkpoints store both names), as in a plain load."""
     tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
     expected = set(model.state_dict(keep_vars=True)) - tied
     stored = set(stored_tensors(files))
-    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected - tied)
     if missing or unexpected:
         raise UserError(
             f"{path}: weights do not match the config's architecture; missing {missing[:5]}, "
@@ -241,10 +243,18 @@ def _load_dispatched(
     layer_classes = sorted(
         {type(layer).__name__ for layer in adapter_for(model.config).decoder_layers(model)}
     )
-    if isinstance(device_map, str) and device_map != "cpu":
+    if dtype is None:  # keep the stored dtype, as a plain load does (accelerate would use the config's)
+        dtype = _stored_dtype(files)
+    if device_map == "cpu":
+        device_map = {"": "cpu"}
+    elif isinstance(device_map, str):
         device_map = _infer_device_map(model, device_map, max_memory, layer_classes, dtype)
+        if set(device_map.values()) == {"disk"}:
+            raise UserError(
+                f"{path}: max_memory {max_memory} leaves no room for any layer; all would go to disk"
+            )
     if isinstance(device_map, dict) and set(device_map.values()) == {"disk"}:
-        raise UserError(f"{path}: max_memory {max_memory} leaves no room for any layer; all would go to disk")
+        raise UserError(f"{path}: device_map puts every module on disk; nothing would compute")
     try:
         model = load_checkpoint_and_dispatch(
             model,
@@ -261,6 +271,13 @@ def _load_dispatched(
         model.generation_config = GenerationConfig.from_pretrained(path)
     logger.info("loaded %s onto %s", path, getattr(model, "hf_device_map", device_map))
     return model.eval()
+
+
+def _stored_dtype(files: WeightFiles) -> torch.dtype | None:
+    """The floating dtype most stored tensors have (None when there is none)."""
+    by_name = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+    counts = Counter(info.dtype for info in stored_tensors(files).values() if info.dtype in by_name)
+    return by_name[counts.most_common(1)[0][0]] if counts else None
 
 
 def _infer_device_map(

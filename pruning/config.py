@@ -94,15 +94,19 @@ class OutputConfig:
 
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 
 
 def size_in_bytes(text: str) -> int:
-    """``5GB`` -> 5 * 10**9, ``512MiB`` -> 512 * 2**20: the units transformers' ``max_shard_size`` takes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", text)
-    if not match or match.group(2).upper() not in _SIZE_UNITS:
+    """``5GB`` -> 5 * 10**9, ``512MiB`` -> 512 * 2**20 (decimal and binary units, capital B for bytes;
+    the int is what is handed to transformers, so its own reading of the text never applies)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)\s*", text)
+    if not match:
         raise ValueError(f"{text!r} is not a size like 5GB or 512MiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return size
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,11 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
     pruning = dict(raw["pruning"])
     pruning["protected_layers"] = tuple(pruning.get("protected_layers", ()))
     output = {"dir": str(Path("results") / name), **raw.get("output", {})}
+    if "max_shard_size" in output:
+        try:
+            size_in_bytes(output["max_shard_size"])
+        except ValueError as e:
+            raise UserError(f"{path}: output.max_shard_size: {e}") from e
     hooks = tuple(HookConfig(name=h) if isinstance(h, str) else HookConfig(**h) for h in raw.get("hooks", []))
     return PipelineConfig(
         name=name,

@@ -102,16 +102,21 @@ def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size
 
         return forward
 
-    for idx, layer in enumerate(layers):
-        layer.forward = recorder(idx)
+    # An instance-level forward (accelerate's device hooks put one there) is put back afterwards.
+    own_forward = [vars(layer).get("forward") for layer in layers]
     try:
+        for idx, layer in enumerate(layers):
+            layer.forward = recorder(idx)
         device = input_device(model)
         for batch in batches(windows, batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
+        for layer, forward in zip(layers, own_forward, strict=True):
+            if forward is None:
+                vars(layer).pop("forward", None)  # the class's forward again
+            else:
+                layer.forward = forward
     inputs.hidden = first
     return inputs
 
@@ -135,8 +140,10 @@ def run_layerwise(
         if change is not None:
             change(idx, layers[idx])
         layer = layers[idx]  # ``change`` may have replaced it
-        handles = [h for observer in observers for h in observer.watch(idx, layer)]
+        handles: list[Handle] = []
         try:
+            for observer in observers:
+                handles += observer.watch(idx, layer)
             for b, hidden in enumerate(inputs.hidden):
                 out = layer(hidden, *inputs.args[idx][b], **inputs.kwargs[idx][b])
                 inputs.hidden[b] = out[0] if isinstance(out, tuple) else out
@@ -154,11 +161,12 @@ def run_whole_model(
 ) -> None:
     """One ordinary forward per batch, every layer watched at once."""
     layers = adapter_for(model.config).decoder_layers(model)
-    handles = [
-        h for idx, layer in enumerate(layers) for observer in observers for h in observer.watch(idx, layer)
-    ]
-    device = input_device(model)
+    handles: list[Handle] = []
     try:
+        for idx, layer in enumerate(layers):
+            for observer in observers:
+                handles += observer.watch(idx, layer)
+        device = input_device(model)
         for batch in tqdm(batches(windows, batch_size), desc="calibration, whole model", unit="batch"):
             model(input_ids=batch.to(device), use_cache=False)
     finally:

@@ -7,10 +7,12 @@ peak was the file plus the pruned copies, 1.55x the weights on a 1.1B model (REA
 figures"). ``release`` tells the kernel, with ``madvise(MADV_DONTNEED)``, that it may drop the pages
 lying wholly inside one replaced tensor.
 
-That is safe for pages the process never wrote: the kernel reads them back from the file if anything
-touches them again, so a tensor still held elsewhere keeps its values. A page written in place
-(copy-on-write) would fall back to the file's contents; nothing in this package writes into a loaded
-weight before surgery replaces it. Linux only; elsewhere ``release`` does nothing.
+That is safe only for pages the process never wrote: the kernel reads them back from the file if
+anything touches them again, so a tensor still held elsewhere (a tied or shared weight, a reference a
+hook kept) keeps its values. A page written in place (a hook that scaled a weight, fine-tuning before
+pruning) has become a private copy, and dropping it would bring back the file's contents; so
+``release`` first reads ``/proc/self/pagemap`` and gives back nothing of a tensor with any such page.
+Linux only; elsewhere ``release`` does nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import mmap
 import sys
 from functools import lru_cache
 from typing import Any
+
+import numpy
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,27 @@ def safetensors_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
+
+
+def written_pages(start: int, end: int) -> bool:
+    """Whether any page overlapping ``[start, end)`` is no longer the file's: present or swapped but not
+    file-backed, i.e. a private copy made by a write. Unknown (pagemap unreadable) counts as written."""
+    page = mmap.PAGESIZE
+    first, count = start // page, -(-end // page) - start // page
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first * 8)
+            entries = pagemap.read(count * 8)
+    except OSError:
+        return True
+    if len(entries) != count * 8:
+        return True
+    flags = numpy.frombuffer(entries, dtype="<u8")
+    private = ((flags & numpy.uint64(_PRESENT | _SWAPPED)) != 0) & ((flags & numpy.uint64(_FILE)) == 0)
+    return bool(private.any())
+
+
 def release(tensor: Any, mappings: list[tuple[int, int]] | None = None) -> int:
     """Let the kernel drop the file pages wholly inside ``tensor``'s bytes; returns the bytes released
     (0 when the tensor is not in a safetensors mapping, or on a system without ``madvise``)."""
@@ -66,7 +91,7 @@ def release(tensor: Any, mappings: list[tuple[int, int]] | None = None) -> int:
         return 0
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last <= first:
+    if last <= first or written_pages(start, end):
         return 0
     if madvise(first, last - first, MADV_DONTNEED) != 0:
         logger.debug("madvise failed (errno %d); the pages stay resident", ctypes.get_errno())

@@ -330,6 +330,24 @@ def test_auto_device_map_within_a_memory_budget(tmp_path: Path) -> None:
         assert torch.equal(mapped(ids).logits, load_pruned_model(out)(ids).logits)
 
 
+def test_device_map_cpu_keeps_the_stored_dtype_and_accepts_a_stored_tied_copy(tmp_path: Path) -> None:
+    """As a plain load does: bf16 weights stay bf16 when config.json names no dtype, and a checkpoint
+    that also stores the tied lm_head loads."""
+    out = save_pruned_model(_pruned("llama_gqa").to(torch.bfloat16), None, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (out / "config.json").write_text(json.dumps(config))
+    state = load_file(out / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, out / "model.safetensors")
+    plain, mapped = load_pruned_model(out), load_pruned_model(out, device_map="cpu")
+    assert {p.dtype for p in mapped.parameters()} == {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.equal(mapped(ids).logits, plain(ids).logits)
+
+
 def test_device_map_checks_the_weights_first(tmp_path: Path) -> None:
     out = save_pruned_model(_pruned("llama_gqa"), None, tmp_path / "m")
     state = load_file(out / "model.safetensors")

@@ -202,12 +202,18 @@ BAD = [
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("5GB", 5 * 10**9), ("512MiB", 512 * 2**20), (" 1.5 gb ", 1_500_000_000), ("100KB", 100_000)],
+    [("5GB", 5 * 10**9), ("512MiB", 512 * 2**20), (" 1.5 GB ", 1_500_000_000), ("100KB", 100_000)],
 )
-def test_shard_sizes_read_as_transformers_reads_them(text: str, size: int):
+def test_shard_sizes_in_decimal_and_binary_units(text: str, size: int):
     from pruning.config import size_in_bytes
 
     assert size_in_bytes(text) == size
+
+
+@pytest.mark.parametrize(("value", "rule"), [("0GB", "not a positive size"), ("5gb", "does not match")])
+def test_bad_shard_size_is_one_line(tmp_path: Path, value: str, rule: str):
+    message = user_error(write(tmp_path, mutate("output", "max_shard_size", value)))
+    assert "output.max_shard_size" in message and rule in message
 
 
 @pytest.mark.parametrize(("section", "key", "value", "where", "rule"), BAD)

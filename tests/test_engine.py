@@ -98,6 +98,23 @@ def test_forward_is_restored_when_capture_fails() -> None:
     assert all("forward" not in vars(layer) for layer in layers)
 
 
+def test_an_instance_forward_is_put_back() -> None:
+    """accelerate's device hooks live in an instance-level forward; calibration must not drop them."""
+    model = tiny_model("llama_gqa")
+    layers = adapter_for(model.config).decoder_layers(model)
+    calls: list[int] = []
+    original = type(layers[2]).forward.__get__(layers[2])
+
+    def wrapped(*args, **kwargs):
+        calls.append(2)
+        return original(*args, **kwargs)
+
+    layers[2].forward = wrapped
+    ActivationCriterion(batch_size=2).score(model, _windows())
+    assert vars(layers[2])["forward"] is wrapped and "forward" not in vars(layers[1])
+    assert calls  # the layer-by-layer pass ran through it
+
+
 def test_unknown_engine_is_a_user_error() -> None:
     with pytest.raises(UserError, match="calibration.engine"):
         calibrate(tiny_model("llama_gqa"), _windows(), 2, [], "streaming")

@@ -37,6 +37,22 @@ def test_released_pages_leave_memory_and_read_back_from_the_file(tmp_path: Path)
     assert torch.equal(loaded["small"], original["small"])  # a neighbour's pages are not touched
 
 
+def test_pages_written_since_loading_are_never_released(tmp_path: Path) -> None:
+    """A weight changed in place (a hook scaled it) keeps its values: nothing of it is given back."""
+    save_file({"big": torch.randn(2_000_000), "next": torch.randn(3000)}, tmp_path / "w.safetensors")
+    loaded = load_file(tmp_path / "w.safetensors")
+    loaded["big"].mul_(2.0)
+    doubled = loaded["big"].clone()
+    assert file_pages.release(loaded["big"]) == 0
+    assert torch.equal(loaded["big"], doubled)
+    # a neighbour written in place keeps its values whatever happens to the tensor beside it
+    fresh = load_file(tmp_path / "w.safetensors")
+    fresh["next"].add_(1.0)
+    changed = fresh["next"].clone()
+    file_pages.release(fresh["big"])
+    assert torch.equal(fresh["next"], changed)
+
+
 def test_memory_that_is_not_a_mapped_file_is_never_released() -> None:
     tensor = torch.randn(2_000_000)
     kept = tensor.clone()
