@@ -267,10 +267,14 @@ def _load_dispatched(
         )
     except ValueError as e:  # accelerate's word for a map it cannot honour (disk without a folder, ...)
         raise UserError(f"{path}: device_map {device_map!r}: {str(e).splitlines()[0]}") from e
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    _read_generation_config(model, path)
     logger.info("loaded %s onto %s", path, getattr(model, "hf_device_map", device_map))
     return model.eval()
+
+
+def _read_generation_config(model: nn.Module, path: Path) -> None:
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 def _stored_dtype(files: WeightFiles) -> torch.dtype | None:
@@ -380,7 +384,6 @@ def load_pruned_model(
     if still_meta:
         raise UserError(f"{path}: no stored weights for {still_meta[:5]}")
     model.to(device)  # buffers (rotary inv_freq) were built on the CPU
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    _read_generation_config(model, path)
     logger.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
     return model.eval()

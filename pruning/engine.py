@@ -86,12 +86,11 @@ def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size
     layers = adapter_for(model.config).decoder_layers(model)
     num_layers = len(layers)
     inputs = LayerInputs(hidden=[], args=[[] for _ in layers], kwargs=[[] for _ in layers])
-    first: list[torch.Tensor] = []
 
     def recorder(idx: int):
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if idx == 0:
-                first.append(hidden_states)
+                inputs.hidden.append(hidden_states)
             inputs.args[idx].append(args)
             inputs.kwargs[idx].append(
                 {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
@@ -117,7 +116,6 @@ def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size
                 vars(layer).pop("forward", None)  # the class's forward again
             else:
                 layer.forward = forward
-    inputs.hidden = first
     return inputs
 
 

@@ -164,17 +164,12 @@ class InputNormCollector:
 
         return hook
 
-    def norm(self, layer_idx: int, name: str) -> torch.Tensor:
-        """||X_j||_2 over all tokens seen, per input feature j."""
+    def mean_square(self, layer_idx: int, name: str) -> torch.Tensor:
+        """E[X_j^2] per input feature j, over all tokens seen."""
         key = (layer_idx, name)
         if key not in self.sumsq:
             raise RuntimeError(f"layer {layer_idx} {name} saw no input during calibration")
-        return self.sumsq[key].sqrt()
-
-    def mean_square(self, layer_idx: int, name: str) -> torch.Tensor:
-        """E[X_j^2] per input feature j, over all tokens seen."""
-        self.norm(layer_idx, name)  # raises if nothing was seen
-        return self.sumsq[(layer_idx, name)] / self.rows[(layer_idx, name)]
+        return self.sumsq[key] / self.rows[key]
 
 
 @dataclass

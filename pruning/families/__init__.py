@@ -7,7 +7,7 @@ of that type is pruned or analysed. ``FamilyRegistry.register`` does the same fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -121,7 +121,7 @@ _GEMMA3_MULTIMODAL = (
 
 
 def _model_type(config: Any) -> Any:
-    return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
 
 
 def adapter_for(config: Any) -> FamilyAdapter:

@@ -124,9 +124,6 @@ class LayerCosts:
     def num_channels(self) -> int:
         return self.geometry.intermediate_size
 
-    def structure_cost(self, kind: str) -> int:
-        return self.kv_group_cost if kind == ATTENTION else self.channel_cost
-
     def block_cost(self, kind: str) -> int:
         return self.attention_block_cost if kind == ATTENTION else self.mlp_block_cost
 
