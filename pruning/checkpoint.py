@@ -10,6 +10,7 @@ the dense size is never allocated. Pickles are never loaded unless the caller sa
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -52,8 +53,24 @@ _SAFETENSORS_DTYPES = {
 # ---------------------------------------------------------------------------------------------- save
 
 
+def partial_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """A new hidden sibling of ``out_dir`` where a checkpoint is written before it is renamed into place."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output directory {out} exists and is not empty; choose another or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
 def save_pruned_model(
-    model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike[str], *, max_shard_size: str | int = "50GB"
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size: str | int = "50GB",
+    weights_dir: Path | None = None,
 ) -> Path:
     """Write weights (safetensors), config with ``pruning_layout``, generation config and tokenizer.
 
@@ -61,15 +78,18 @@ def save_pruned_model(
     an interrupted run never leaves a directory that looks like a finished checkpoint. Before the rename
     the files are read back and checked against the model in memory (``verify_saved``): the writer owns
     that check, so it holds whatever hooks are configured.
+
+    ``weights_dir`` is such a sibling (``partial_dir``) that already holds the weights, written layer by
+    layer by a streamed run (``pruning.streaming.prune_and_write``); the model may then be on meta.
     """
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} exists and is not empty; choose another or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = weights_dir if weights_dir is not None else partial_dir(out)
     try:
-        # transformers 5 always writes safetensors and stores tied weights once.
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if weights_dir is None:
+            # transformers 5 always writes safetensors and stores tied weights once.
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            _save_configs(model, tmp)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())
         config[LAYOUT_KEY] = pruned_layout(
@@ -91,6 +111,17 @@ def save_pruned_model(
         raise
     logger.debug("saved pruned model to %s", out)
     return out
+
+
+def _save_configs(model: nn.Module, directory: Path) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` writes them (for weights written
+    elsewhere): the class in ``architectures`` and the parameters' dtype."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
 
 def _apply_umask(directory: Path) -> None:

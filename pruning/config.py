@@ -58,8 +58,19 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 class ModelConfig:
     path: str
     dtype: str = "float32"
-    device: str = "cpu"
+    # accelerate's meaning: cpu, cuda, cuda:N, auto (GPUs, then CPU, then disk), or {module: device|disk}
+    device_map: str | dict[str, str | int] = "cpu"
+    max_memory: dict[str | int, str] | None = None  # {0: 70GiB, cpu: 100GiB}: what device_map auto may fill
+    streaming: str = "auto"  # auto | always | never: read decoder layers one at a time (pruning.placement)
     trust_pickle: bool = False
+
+    def max_memory_bytes(self) -> dict[str | int, int] | None:
+        """max_memory as accelerate takes it: GPU indices as ints, sizes in bytes."""
+        if self.max_memory is None:
+            return None
+        return {
+            int(k) if str(k).isdigit() else str(k): size_in_bytes(str(v)) for k, v in self.max_memory.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class CalibrationConfig:
     batch_size: int = 4
     seed: int = 0
     engine: str = "layerwise"  # layerwise | whole_model (pruning.engine)
+    gradient_checkpointing: bool = False  # taylor: recompute activations in the backward to save memory
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,8 @@ class PipelineConfig:
         data = asdict(self)
         data.pop("source_file")
         data["pruning"]["protected_layers"] = list(self.pruning.protected_layers)
+        if data["model"]["max_memory"] is None:
+            del data["model"]["max_memory"]  # absent, as YAML spells "no cap"
         data["hooks"] = [asdict(h) for h in self.hooks]
         return data
 
@@ -141,8 +155,19 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     raw = _read_yaml(path)
     for override in overrides or []:
         _apply_override(raw, override)
+    _check_renamed(raw, source=str(path))
     validate_config(raw, source=str(path))
     return _typed(raw, path)
+
+
+def _check_renamed(raw: dict[str, Any], source: str) -> None:
+    """Keys that changed meaning get a line saying what replaced them, not "unexpected property"."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "device" in model:
+        raise UserError(
+            f"{source}: model.device was renamed model.device_map, where auto means what accelerate means "
+            "(fill the GPUs, then the CPU, then stream from disk); write cpu, cuda, cuda:N or auto"
+        )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -223,6 +248,11 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
             size_in_bytes(output["max_shard_size"])
         except ValueError as e:
             raise UserError(f"{path}: output.max_shard_size: {e}") from e
+    for key, size in (raw["model"].get("max_memory") or {}).items():
+        try:
+            size_in_bytes(str(size))
+        except ValueError as e:
+            raise UserError(f"{path}: model.max_memory.{key}: {e}") from e
     hooks = tuple(HookConfig(name=h) if isinstance(h, str) else HookConfig(**h) for h in raw.get("hooks", []))
     return PipelineConfig(
         name=name,

@@ -31,6 +31,7 @@ class PipelineContext:
     plan: PruningPlan | None = None
     checkpoint_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)  # streamed, reason, parts: where each part lived
     params_before: int = 0
     params_after: int = 0
     layer_params_before: int = 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pruning.analysis import ModelAnalyzer
+from pruning.config import PipelineConfig
 from pruning.context import PipelineContext
 from pruning.errors import UserError
 from pruning.importance import CRITERIA
 from pruning.outputs import CHECKPOINT_SUBDIR
-from pruning.pipeline import STAGES
+from pruning.pipeline import STAGES, where_it_runs
 
 
 def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
@@ -30,7 +31,8 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"Dry run of {config.name!r} ({config.source_file}); nothing is loaded or written.",
         f"  model:       {context.model_path} ({analysis['model_type']}, {num_layers} layers, "
         f"{first['num_heads']}Q:{first['num_kv_heads']}KV heads, {total:,} parameters, "
-        f"{config.model.dtype} on {config.model.device})",
+        f"{config.model.dtype} on {where_it_runs(config)})",
+        f"  memory:      {_memory_line(config, total)}",
         f"  stages:      {' -> '.join(STAGES)}; events before_prune, after_prune, after_save",
         f"  calibration: {cal.num_samples} windows x {cal.seq_len} tokens = {tokens:,} tokens "
         f"from {cal.source} (seed {cal.seed}, batch {cal.batch_size})"
@@ -45,3 +47,12 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"  hooks:       {', '.join(hook_names) or 'none'}",
     ]
     return "\n".join(lines)
+
+
+def _memory_line(config: PipelineConfig, total_params: int) -> str:
+    """What holding the weights costs, and whether this machine would stream them (single-device maps;
+    an auto or explicit map is resolved by accelerate at load)."""
+    from pruning.placement import stream_decision
+
+    size = total_params * {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    return f"{size / 2**30:.2f} GiB of weights in {config.model.dtype}; {stream_decision(config.model, size)}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +51,61 @@ class LayerObserver(Protocol):
     def layer_done(self, layer_idx: int, layer: nn.Module) -> None:
         """Every calibration window has been through this layer; its statistics are complete."""
         ...
+
+
+class LayerStore(Protocol):
+    """Where decoder layers' weights are while a pass runs: resident on their devices, or read from the
+    checkpoint when the pass reaches them and dropped when it moves on (``pruning.streaming``)."""
+
+    def outside_layers(self) -> contextlib.AbstractContextManager[None]:
+        """Inside, the modules that run before the first decoder layer (embeddings) have their weights."""
+        ...
+
+    def load(self, layer_idx: int, layer: nn.Module) -> torch.device:
+        """Give the layer its weights on the device it computes on; return that device."""
+        ...
+
+    def unload(self, layer_idx: int, layer: nn.Module) -> None:
+        """The pass is done with the layer."""
+        ...
+
+
+class ResidentLayers:
+    """Every layer already holds its weights; it computes where they are."""
+
+    def outside_layers(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def load(self, layer_idx: int, layer: nn.Module) -> torch.device:
+        return next((p.device for p in layer.parameters()), torch.device("cpu"))
+
+    def unload(self, layer_idx: int, layer: nn.Module) -> None:
+        pass
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors (also inside tuples, lists and dicts) moved to ``device``; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def each_layer(
+    model: nn.Module, store: LayerStore | None = None, desc: str = "layers"
+) -> Iterator[tuple[int, nn.Module, torch.device]]:
+    """(index, layer, device) for every decoder layer, each holding its weights only while it is yielded."""
+    store = store or ResidentLayers()
+    layers = adapter_for(model.config).decoder_layers(model)
+    for idx in tqdm(range(len(layers)), desc=desc, unit="layer", disable=len(layers) < 2):
+        device = store.load(idx, layers[idx])
+        try:
+            yield idx, layers[idx], device
+        finally:
+            store.unload(idx, layers[idx])
 
 
 @dataclass
@@ -106,7 +161,7 @@ def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size
     try:
         for idx, layer in enumerate(layers):
             layer.forward = recorder(idx)
-        device = input_device(model)
+        device = model.get_input_embeddings().weight.device  # a streamed model's other weights are meta
         for batch in batches(windows, batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
@@ -126,15 +181,22 @@ def run_layerwise(
     batch_size: int,
     observers: Sequence[LayerObserver],
     change: LayerChange | None = None,
+    store: LayerStore | None = None,
 ) -> None:
     """Each decoder layer in turn, on every batch of the cached inputs, with the observers watching.
 
-    ``change`` runs on each layer before it computes (the point where a second pass prunes a layer
-    or refits it on the inputs the already-changed earlier layers produce).
+    ``store`` gives each layer its weights when the pass reaches it (and may take them away after);
+    the cached inputs follow each layer to its device. ``change`` runs on each layer before it computes
+    (the point where a second pass prunes a layer or refits it on the inputs the already-changed
+    earlier layers produce).
     """
+    store = store or ResidentLayers()
     layers = adapter_for(model.config).decoder_layers(model)
-    inputs = capture_layer_inputs(model, windows, batch_size)
+    with store.outside_layers():
+        inputs = capture_layer_inputs(model, windows, batch_size)
+    park = _parking_device(inputs.hidden)
     for idx in tqdm(range(len(layers)), desc="calibration, layer by layer", unit="layer"):
+        device = store.load(idx, layers[idx])
         if change is not None:
             change(idx, layers[idx])
         layer = layers[idx]  # ``change`` may have replaced it
@@ -143,14 +205,27 @@ def run_layerwise(
             for observer in observers:
                 handles += observer.watch(idx, layer)
             for b, hidden in enumerate(inputs.hidden):
-                out = layer(hidden, *inputs.args[idx][b], **inputs.kwargs[idx][b])
-                inputs.hidden[b] = out[0] if isinstance(out, tuple) else out
+                args, kwargs = to_device((inputs.args[idx][b], inputs.kwargs[idx][b]), device)
+                out = layer(hidden.to(device), *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                inputs.hidden[b] = out if park is None else out.to(park)
         finally:
             for handle in handles:
                 handle.remove()
         inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
         for observer in observers:
             observer.layer_done(idx, layer)
+        store.unload(idx, layer)
+
+
+def _parking_device(hidden: list[torch.Tensor]) -> torch.device | None:
+    """Where hidden states wait between layers: on the accelerator that made them while they take at
+    most a quarter of its free memory, else on the CPU (None: wherever each layer leaves them)."""
+    if not hidden or hidden[0].device.type != "cuda":
+        return None
+    size = sum(h.numel() * h.element_size() for h in hidden)
+    free, _ = torch.cuda.mem_get_info(hidden[0].device)
+    return None if size <= free // 4 else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -194,14 +269,22 @@ def calibrate(
     batch_size: int,
     observers: Sequence[LayerObserver],
     engine: str = "layerwise",
+    store: LayerStore | None = None,
 ) -> None:
     """Run the windows through the model for the observers, in eval mode (restored afterwards)."""
     if engine not in ENGINES:
         raise UserError(f"calibration.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "whole_model" and any(p.is_meta for p in model.parameters()):
+        raise UserError(
+            "calibration.engine: whole_model needs every weight in memory; this model is streamed "
+            "layer by layer (use layerwise)"
+        )
     was_training = model.training
     model.eval()
     try:
-        run = run_layerwise if engine == "layerwise" else run_whole_model
-        run(model, windows, batch_size, observers)
+        if engine == "layerwise":
+            run_layerwise(model, windows, batch_size, observers, store=store)
+        else:
+            run_whole_model(model, windows, batch_size, observers)
     finally:
         model.train(was_training)

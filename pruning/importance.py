@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from pruning.engine import Handle, accumulate_gradients, calibrate
+from pruning.engine import Handle, LayerStore, accumulate_gradients, calibrate, each_layer
 from pruning.errors import UserError
 from pruning.families import KINDS, FamilyAdapter, OwnedSlice, adapter_for
 
@@ -110,13 +110,17 @@ def layer_structure_scores(
 
 
 def score_layers(
-    model: nn.Module, importance: WeightImportance, common_scale: bool = False
+    model: nn.Module,
+    importance: WeightImportance,
+    common_scale: bool = False,
+    store: LayerStore | None = None,
 ) -> StructureScores:
-    """``layer_structure_scores`` for every decoder layer of the model."""
+    """``layer_structure_scores`` for every decoder layer of the model (each holding its weights only
+    while it is scored, when ``store`` streams them)."""
     adapter = adapter_for(model.config)
     head_dim = adapter.head_dim(model.config)
     attention, mlp = [], []
-    for idx, layer in enumerate(adapter.decoder_layers(model)):
+    for idx, layer, _ in each_layer(model, store, desc="scoring"):
         a, m = layer_structure_scores(adapter, layer, idx, head_dim, importance)
         attention.append(a)
         mlp.append(m)
@@ -201,10 +205,11 @@ class ActivationCriterion:
     needs_data: ClassVar[bool] = True
     batch_size: int = 1
     engine: str = "layerwise"  # or "whole_model": the same statistics (pruning.engine)
+    store: LayerStore | None = None  # where the layers' weights are (pruning.streaming); None: resident
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
         observer = ActivationObserver(model)
-        calibrate(model, windows, self.batch_size, [observer], self.engine)
+        calibrate(model, windows, self.batch_size, [observer], self.engine, self.store)
         return observer.scores()
 
 
@@ -273,26 +278,36 @@ def _read_inputs(adapter: FamilyAdapter, layer: nn.Module, head_dim: int) -> lis
 class TaylorCriterion:
     """First-order Taylor |W * dL/dW| on the causal-LM loss, gradients of the mean loss over all windows.
 
-    Needs a whole-model backward (memory of training one step); requires_grad flags and any existing
-    gradients are restored afterwards.
+    Needs a whole-model backward: the weights, their gradients for the scored Linears, and one batch's
+    activations. ``gradient_checkpointing`` keeps only each decoder layer's input and recomputes the rest
+    in the backward (activation memory of one layer instead of all, about one more forward of time).
+    requires_grad flags and any existing gradients are restored afterwards.
     """
 
     name: ClassVar[str] = "taylor"
     needs_data: ClassVar[bool] = True
     batch_size: int = 1
+    gradient_checkpointing: bool = False
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
+        if any(p.is_meta for p in model.parameters()):
+            raise UserError(
+                "pruning.importance: taylor needs a backward through the whole model, which a streamed "
+                "model cannot do; use activation or magnitude, or a device_map that holds the model"
+            )
         all_params = list(model.parameters())
         saved = [(p, p.requires_grad, p.grad) for p in all_params]
         adapter = adapter_for(model.config)
         head_dim = adapter.head_dim(model.config)
+        layers = adapter.decoder_layers(model)
         scored = [
             p
-            for layer in adapter.decoder_layers(model)
+            for layer in layers
             for _, linear in owned_linears(adapter, layer, head_dim)
             for p in linear.parameters()
         ]
         was_training = model.training
+        was_checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
         model.eval()  # no dropout; gradients still flow
         try:
             for p in all_params:
@@ -300,12 +315,18 @@ class TaylorCriterion:
                 p.grad = None
             for p in scored:
                 p.requires_grad_(True)
+            if self.gradient_checkpointing:
+                model.activation_checkpointing_enable({"use_reentrant": False})
+                for layer in layers:  # transformers checkpoints a layer only in training mode; its
+                    layer.training = True  # submodules stay in eval mode, so dropout stays off
             accumulate_gradients(model, windows, self.batch_size)
             return score_layers(model, _taylor_importance, common_scale=True)
         finally:
             for p, requires_grad, grad in saved:
                 p.requires_grad_(requires_grad)
                 p.grad = grad
+            if self.gradient_checkpointing and not was_checkpointing:
+                model.activation_checkpointing_disable()
             model.train(was_training)
 
 
@@ -324,13 +345,14 @@ class MagnitudeCriterion:
 
     name: ClassVar[str] = "magnitude"
     needs_data: ClassVar[bool] = False
+    store: LayerStore | None = None  # where the layers' weights are (pruning.streaming); None: resident
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None = None) -> StructureScores:
         def importance(layer_idx: int, owned: OwnedSlice, linear: nn.Linear) -> Importance:
             bias = linear.bias.detach().float().abs() if linear.bias is not None else None
             return linear.weight.detach().float().abs(), bias
 
-        return score_layers(model, importance)
+        return score_layers(model, importance, store=self.store)
 
 
 CRITERIA: dict[str, type] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +73,6 @@ def check_source_weights(
         )
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"model.device: {name!r} requested but no CUDA device is available")
-    return name
-
-
 # What a hub download may bring: configs, tokenizer files and safetensors, never a pickle.
 HUB_SAFE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
 
@@ -101,14 +92,34 @@ def hub_snapshot(hub_id: str, trust_pickle: bool) -> str:
         raise UserError(f"model.path: cannot download {hub_id!r}: {str(e).splitlines()[0]}") from e
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
-    """``from_pretrained`` in the configured dtype on the configured device, in eval mode."""
+@dataclass
+class LoadedModel:
+    """A model placed for a run, with its tokenizer and where its layers' weights come from."""
+
+    model: Any
+    tokenizer: Any
+    store: Any  # pruning.engine.LayerStore
+    placement: Any  # pruning.placement.Placement
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, path: str, refuse_streaming: str | None = None) -> LoadedModel:
+    """The model in the configured dtype, placed as ``model.device_map`` says (``pruning.placement``),
+    in eval mode; its tokenizer; and the engine's ``LayerStore`` for it.
+
+    A model on one device is loaded by ``from_pretrained``; any other placement is read part by part
+    from the safetensors onto a meta skeleton, parts on ``disk`` left for the passes to stream.
+    ``refuse_streaming`` (why this run cannot stream) turns a streamed placement into a UserError
+    before any weight is read.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from pruning.engine import ResidentLayers
     from pruning.families import check_supported
     from pruning.families.layout import LAYOUT_KEY
+    from pruning.placement import resolve_placement
     from pruning.preflight import read_model_config
+    from pruning.streaming import build_skeleton
 
     if not Path(path).exists() and looks_like_hub_id(path):
         path = hub_snapshot(path, cfg.trust_pickle)
@@ -120,15 +131,31 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
     check_supported(config)
     if getattr(config, LAYOUT_KEY, None):
         raise UserError(f"model.path: {path} is already pruned; prune the original model instead")
-    device = pick_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    try:
+        skeleton = build_skeleton(config, dtype)
+    except (KeyError, ValueError, TypeError) as e:  # values in config.json it cannot build from
+        raise _cannot_load(path, e) from e
+    placement = resolve_placement(cfg, skeleton)
+    logger.info("placement: %s", placement.reason)
+    if placement.streamed and refuse_streaming:
+        raise UserError(f"{refuse_streaming}; {placement.reason}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from e
+    if placement.streamed or len(placement.devices) > 1:
+        model, store = _load_placed(path, skeleton, placement, dtype, cfg.trust_pickle)
+        return LoadedModel(model, tokenizer, store, placement)
+    del skeleton
     try:
         # safetensors only, unless the user trusts pickles: never unpickle a .bin without consent
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, cfg.dtype), use_safetensors=None if cfg.trust_pickle else True
+            path,
+            dtype=dtype,
+            use_safetensors=None if cfg.trust_pickle else True,
+            # straight to the GPU, never whole in host memory first
+            device_map=placement.compute if placement.compute != "cpu" else None,
         )
     except OSError as e:
         raise UserError(
@@ -136,9 +163,31 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str) -> tuple[Any, Any]:
             f"convert them to safetensors): {str(e).splitlines()[0]}"
         ) from e
     except (KeyError, ValueError, TypeError) as e:  # values in config.json (or an index) it cannot use
+        raise _cannot_load(path, e) from e
+    model.to(placement.compute).eval()
+    return LoadedModel(model, tokenizer, ResidentLayers(), placement)
+
+
+def _cannot_load(path: str, e: Exception) -> UserError:
+    detail = str(e).splitlines()[0] if str(e) else ""
+    return UserError(
+        f"model.path: transformers cannot load the model in {path}: {type(e).__name__}: {detail}"
+    )
+
+
+def _load_placed(path: str, skeleton: Any, placement: Any, dtype: Any, trust_pickle: bool) -> tuple[Any, Any]:
+    from transformers import GenerationConfig
+
+    from pruning.shards import ShardReader
+    from pruning.streaming import load_placed
+
+    files = find_weight_files(Path(path), trust_pickle=trust_pickle)
+    if files.pickles or not files.safetensors:
         raise UserError(
-            f"model.path: transformers cannot load the model in {path}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-    model.to(device).eval()
-    return model, tokenizer
+            f"model.device_map: placing or streaming parts reads safetensors; {path} has pickled weights"
+        )
+    model, store = load_placed(skeleton, ShardReader(files), placement, dtype)
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.config._name_or_path = str(path)
+    return model, store

@@ -22,7 +22,7 @@ from pruning.context import PipelineContext
 from pruning.errors import UserError
 from pruning.fsutil import DISK_ERRNOS, disk_errno
 from pruning.hooks import Event, HookRunner
-from pruning.loading import check_source_weights, load_model_and_tokenizer, pick_device, resolve_model_path
+from pruning.loading import check_source_weights, load_model_and_tokenizer, resolve_model_path
 from pruning.outputs import (
     CHECKPOINT_SUBDIR,
     PLAN_FILE,
@@ -32,6 +32,7 @@ from pruning.outputs import (
     check_writable,
     resolve_target,
 )
+from pruning.placement import check_devices
 from pruning.preflight import (
     check_file_size_limit,
     check_run,
@@ -71,7 +72,7 @@ def prepare(config: PipelineConfig, *, dry_run: bool = False) -> tuple[PipelineC
     check_run(config, facts, CRITERIA[config.pruning.importance].needs_data)
     check_source_weights(model_path, facts.config, config.model.trust_pickle, require=not dry_run)
     check_calibration_source(config)
-    pick_device(config.model.device)  # a missing GPU fails now, not after the weights are read
+    check_devices(config.model)  # a missing GPU fails now, not after the weights are read
     target = resolve_target(config.output.dir)
     check_output_dir(target, config.output.overwrite, model_path)
     needed, largest_file = estimate_output_bytes(config, facts, model_path)
@@ -133,34 +134,39 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     """The stages and their events; everything is written under ``context.output_dir``."""
     import torch
 
-    from pruning.checkpoint import save_pruned_model
+    from pruning.checkpoint import partial_dir, save_pruned_model
     from pruning.data import calibration_windows
     from pruning.importance import CRITERIA, get_criterion
     from pruning.planner import plan_global
+    from pruning.streaming import prune_and_write
     from pruning.surgery import apply_plan
 
     config = context.config
     cal, prn = config.calibration, config.pruning
     torch.manual_seed(cal.seed)
     with stage(
-        context, "load", f"Load model {config.model.path} ({config.model.dtype}, {config.model.device})"
+        context, "load", f"Load model {config.model.path} ({config.model.dtype}, {where_it_runs(config)})"
     ):
-        context.model, context.tokenizer = load_model_and_tokenizer(config.model, context.model_path)
+        loaded = load_model_and_tokenizer(config.model, context.model_path, _why_not_streamed(config))
+        context.model, context.tokenizer, store = loaded.model, loaded.tokenizer, loaded.store
+        streamed = loaded.placement.streamed
+        context.placement = {
+            "streamed": streamed,
+            "reason": loaded.placement.reason,
+            "parts": dict(loaded.placement.parts),
+        }
         context.params_before, context.layer_params_before = _count(context.model)
     hooks.emit(Event.BEFORE_PRUNE, context)
 
+    criterion = get_criterion(prn.importance, **_criterion_options(config, store))
     needs_data = CRITERIA[prn.importance].needs_data
-    options = {"batch_size": cal.batch_size} if needs_data else {}
-    if hasattr(CRITERIA[prn.importance], "engine"):
-        options["engine"] = cal.engine
-    criterion = get_criterion(prn.importance, **options)
     windows = None
     with stage(context, "tokenize", f"Calibration windows: {cal.num_samples} x {cal.seq_len} tokens"):
         if needs_data:
             windows = calibration_windows(
                 cal.source, context.tokenizer, cal.num_samples, cal.seq_len, cal.seed
             )
-    how = f", {cal.engine.replace('_', ' ')}" if "engine" in options else ""
+    how = f", {cal.engine.replace('_', ' ')}" if hasattr(criterion, "engine") else ""
     with stage(context, "score", f"Run the windows through the model and score ({prn.importance}{how})"):
         scores = criterion.score(context.model, windows)
     with stage(context, "plan", f"Plan: remove {prn.ratio:.2%} of {prn.ratio_of} parameters, globally"):
@@ -174,8 +180,15 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
             prn.min_channels,
             criterion=prn.importance,
         )
-    with stage(context, "prune", "Remove the planned structures"):
-        apply_plan(context.model, context.plan)
+    checkpoint = context.output_dir / CHECKPOINT_SUBDIR
+    weights_dir = None
+    heading = "Remove the planned structures" + (", layer by layer, writing each layer" if streamed else "")
+    with stage(context, "prune", heading):
+        if streamed:
+            weights_dir = partial_dir(checkpoint)
+            prune_and_write(context.model, context.plan, store, weights_dir, config.output.max_shard_bytes)
+        else:
+            apply_plan(context.model, context.plan)
         context.params_after, context.layer_params_after = _count(context.model)
     hooks.emit(Event.AFTER_PRUNE, context)
 
@@ -184,10 +197,41 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
         context.checkpoint_dir = save_pruned_model(
             context.model,
             context.tokenizer,
-            context.output_dir / CHECKPOINT_SUBDIR,
+            checkpoint,
             max_shard_size=config.output.max_shard_bytes,
+            weights_dir=weights_dir,
         )
     hooks.emit(Event.AFTER_SAVE, context)
+
+
+def where_it_runs(config: PipelineConfig) -> str:
+    device_map = config.model.device_map
+    return f"device_map {device_map}" if isinstance(device_map, str) else "an explicit device_map"
+
+
+def _why_not_streamed(config: PipelineConfig) -> str | None:
+    """Why this run cannot stream layers from disk, if it cannot (said before any weight is read)."""
+    if config.pruning.importance == "taylor":
+        return "pruning.importance: taylor needs a backward through the whole model in memory"
+    from pruning.importance import CRITERIA
+
+    if CRITERIA[config.pruning.importance].needs_data and config.calibration.engine == "whole_model":
+        return "calibration.engine: whole_model needs every weight in memory (layerwise streams)"
+    return None
+
+
+def _criterion_options(config: PipelineConfig, store: object) -> dict[str, object]:
+    """The options of the configured criterion that the config sets (each criterion takes its own)."""
+    from pruning.importance import CRITERIA
+
+    cls, cal = CRITERIA[config.pruning.importance], config.calibration
+    wanted = {
+        "batch_size": cal.batch_size,
+        "engine": cal.engine,
+        "store": store,
+        "gradient_checkpointing": cal.gradient_checkpointing,
+    }
+    return {key: value for key, value in wanted.items() if key in getattr(cls, "__dataclass_fields__", {})}
 
 
 def _count(model: object) -> tuple[int, int]:

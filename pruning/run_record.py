@@ -65,6 +65,7 @@ def build_run_record(
         "timings_s": dict(context.timings),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": None if gpu_peak is None else round(gpu_peak, 1),
+        **({"placement": context.placement} if context.placement else {}),
         "params_before": before,
         "params_after": after,
         "params_removed": before - after,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class TensorInfo:
 
     dtype: str
     shape: tuple[int, ...]
+    # where the bytes lie in the file, absolute (start, end): what a streamed read seeks to
+    offsets: tuple[int, int] = field(default=(0, 0), compare=False)
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,12 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raise UserError(f"{file}: cannot be read ({e.strerror})") from e
     if not isinstance(header, dict):
         raise UserError(f"{file}: corrupt safetensors header (not a JSON object)")
-    return _check_entries(file, header, size - 8 - header_len)
+    return _check_entries(file, header, size - 8 - header_len, 8 + header_len)
 
 
-def _check_entries(file: Path, header: dict[str, Any], data_len: int) -> dict[str, TensorInfo]:
+def _check_entries(
+    file: Path, header: dict[str, Any], data_len: int, data_start: int = 0
+) -> dict[str, TensorInfo]:
     """The header's promises, checked: every byte range fits its shape and the ranges tile the data."""
     tensors: dict[str, TensorInfo] = {}
     ranges: list[tuple[int, int, str]] = []
@@ -118,7 +122,7 @@ def _check_entries(file: Path, header: dict[str, Any], data_len: int) -> dict[st
                 f"{file}: safetensors header lies about {name!r}: shape {list(shape)} of {dtype} needs "
                 f"{_numel(shape) * width} bytes, its byte range holds {end - begin}"
             )
-        tensors[name] = TensorInfo(dtype, shape)
+        tensors[name] = TensorInfo(dtype, shape, (data_start + begin, data_start + end))
         ranges.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(ranges):

@@ -51,7 +51,7 @@ def test_smollm2_config_values():
     config = load_config(SMOLLM2)
     assert config == PipelineConfig(
         name="smollm2_0.2",
-        model=ModelConfig(path="smollm2-135m", dtype="float32", device="cpu"),
+        model=ModelConfig(path="smollm2-135m", dtype="float32", device_map="cpu"),
         calibration=CalibrationConfig(
             source="data/wikitext-2-raw/wiki.valid.raw", num_samples=64, seq_len=256, batch_size=4, seed=0
         ),
@@ -69,7 +69,7 @@ def test_smollm2_config_values():
 def test_llama2_config_values():
     config = load_config(LLAMA2)
     assert config.name == "llama2_0.2"
-    assert config.model == ModelConfig(path="meta-llama/Llama-2-7b-hf", dtype="bfloat16", device="auto")
+    assert config.model == ModelConfig(path="meta-llama/Llama-2-7b-hf", dtype="bfloat16", device_map="auto")
     assert (config.calibration.num_samples, config.calibration.seq_len) == (128, 512)
     assert config.pruning.ratio == 0.2 and config.pruning.ratio_of == "total"
     assert config.output.dir == "results/llama2_0.2"
@@ -79,7 +79,7 @@ def test_llama2_config_values():
 def test_defaults_from_a_minimal_config(tmp_path: Path):
     config = load_config(write(tmp_path, minimal(), "my-run.yaml"))
     assert config.name == "my-run"  # the file's stem
-    assert config.model == ModelConfig(path="some/model", dtype="float32", device="cpu")
+    assert config.model == ModelConfig(path="some/model", dtype="float32", device_map="cpu")
     assert config.calibration == CalibrationConfig()
     assert config.calibration.source == "data/wikitext-2-raw/wiki.valid.raw"
     assert config.pruning == PruningConfig(ratio=0.2)
@@ -184,7 +184,11 @@ BAD = [
     ("pruning", "protected_layers", [0, 0], "pruning.protected_layers", "has non-unique elements"),
     ("pruning", "protected_layers", [-1], "pruning.protected_layers[0]", "less than the minimum of 0"),
     ("model", "dtype", "fp8", "model.dtype", "'fp8' is not one of"),
-    ("model", "device", "gpu", "model.device", "does not match"),
+    ("model", "device_map", "gpu", "model.device_map", "does not match"),
+    ("model", "device_map", {"model.layers.0": "gpu"}, "model.device_map.model.layers.0", "does not match"),
+    ("model", "streaming", "yes", "model.streaming", "is not one of ['auto', 'always', 'never']"),
+    ("model", "max_memory", {"cpu": "lots"}, "model.max_memory.cpu", "does not match"),
+    ("model", "max_memory", {"gpu0": "1GB"}, "model.max_memory", "'gpu0' does not match"),
     (None, "model", _DELETE, "(top level)", "'model' is a required property"),
     ("model", "path", _DELETE, "model", "'path' is a required property"),
     ("model", "path", "", "model.path", "should be non-empty"),
@@ -278,3 +282,17 @@ def test_duplicate_keys_are_refused_in_files_and_overrides(tmp_path: Path):
     path.write_text("model: {path: m}\npruning: {ratio: 0.2}\n")
     with pytest.raises(UserError, match="value is not valid YAML"):
         load_config(path, ["pruning={ratio: 0.2, ratio: 0.3}"])
+
+
+def test_the_old_device_key_says_what_replaced_it(tmp_path: Path):
+    raw = minimal()
+    raw["model"]["device"] = "auto"
+    with pytest.raises(UserError, match=r"model.device was renamed model.device_map, where auto means"):
+        load_config(write(tmp_path, raw))
+
+
+def test_max_memory_reaches_accelerate_as_bytes_with_gpu_indices(tmp_path: Path):
+    raw = minimal()
+    raw["model"]["max_memory"] = {0: "20GiB", "1": "1.5GB", "cpu": "512MiB"}
+    config = load_config(write(tmp_path, raw))
+    assert config.model.max_memory_bytes() == {0: 20 * 2**30, 1: 1_500_000_000, "cpu": 512 * 2**20}

@@ -240,3 +240,21 @@ def test_scores_sum_exactly_what_zeroing_the_structure_removes(arch: str) -> Non
         zero_plan_structures(zeroed, PruningPlan(layers=layers))
         removed = dense_mass - sum(p.detach().abs().sum() for p in zeroed.parameters())
         torch.testing.assert_close(removed, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_taylor_with_gradient_checkpointing_recomputes_layers_and_gives_the_same_scores() -> None:
+    from pruning.families import adapter_for
+    from tests.tiny_models import input_ids, tiny_model
+
+    model = tiny_model("llama_gqa")
+    windows = input_ids(batch=4, length=12)
+    plain = TaylorCriterion(batch_size=2).score(model, windows)
+    calls: list[int] = []
+    layer = adapter_for(model.config).decoder_layers(model)[1]
+    handle = layer.mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    checkpointed = TaylorCriterion(batch_size=2, gradient_checkpointing=True).score(model, windows)
+    handle.remove()
+    assert len(calls) == 2 * 2  # two batches, each layer run again in the backward
+    for a, b in zip(plain.attention + plain.mlp, checkpointed.attention + checkpointed.mlp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    assert not model.is_activation_checkpointing and not any(m.training for m in model.modules())

@@ -403,3 +403,93 @@ def test_a_hub_download_brings_no_pickle_and_is_checked_like_a_local_model(tmp_p
     for name in ("pytorch_model.bin", "model.pt", "weights.ckpt"):
         assert not any(fnmatch.fnmatch(name, pattern) for pattern in asked["patterns"])
     assert any(fnmatch.fnmatch("model-00001-of-00002.safetensors", p) for p in asked["patterns"])
+
+
+def _saved_tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from pruning.weight_files import find_weight_files
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in find_weight_files(out / "models").safetensors:
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _same_run(a: SimpleNamespace, b: SimpleNamespace) -> None:
+    """The same plan, the same tensors bit for bit, the same config.json and the same reports."""
+    assert a.code == b.code == 0
+    assert a.plan == b.plan
+    ta, tb = _saved_tensors(a.out), _saved_tensors(b.out)
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    config = [json.loads((r.out / "models" / "config.json").read_text()) for r in (a, b)]
+    assert config[0] == config[1]
+    for name in REPORTS:
+        ra, rb = (reports.load(r.out / "analysis" / name) for r in (a, b))
+        for report in (ra, rb):
+            report.pop("timestamp", None)
+        assert ra == rb, name
+    assert (a.record["params_before"], a.record["params_after"]) == (
+        b.record["params_before"],
+        b.record["params_after"],
+    )
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        {"": "cpu", "model.layers.1": "disk", "model.layers.3": "disk"},  # some layers offloaded to disk
+        {"": "disk", "model.layers.0": "cpu"},  # embeddings, head and most layers on disk
+        {"": "cpu"},  # every part on the CPU, by an explicit map
+    ],
+)
+def test_a_cpu_and_disk_device_map_gives_the_plain_run(
+    tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace, device_map: dict
+):
+    _same_run(baseline, prune(tmp_path, tiny_dir, model={"device_map": device_map}))
+
+
+def test_a_streamed_run_gives_the_plain_run_and_writes_each_layer_as_it_goes(
+    tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace
+):
+    streamed = prune(tmp_path, tiny_dir, model={"streaming": "always"}, output={"max_shard_size": "100KB"})
+    _same_run(baseline, streamed)
+    assert len(list((streamed.out / "models").glob("model-*.safetensors"))) >= 3
+    assert set(streamed.record["timings_s"]) == {"load", "tokenize", "score", "plan", "prune", "save"}
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"pruning": {"ratio": 0.2, "importance": "taylor"}}, "taylor needs a backward"),
+        ({"calibration": {"engine": "whole_model"}}, "whole_model needs every weight in memory"),
+    ],
+)
+def test_what_cannot_stream_says_so_before_any_weight_is_read(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch, sections: dict, message: str
+):
+    from pruning import shards
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(shards.ShardReader, "read", trap)
+    result = prune(tmp_path, tiny_dir, model={"streaming": "always"}, **sections)
+    err = capsys.readouterr().err
+    assert result.code == 2 and message in err and "streaming always" in err
+    assert len(err.strip().splitlines()) == 1 and not result.out.exists()
+
+
+def test_taylor_with_gradient_checkpointing_gives_the_same_plan(
+    tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace
+):
+    plain = prune(tmp_path, tiny_dir, "plain", pruning={"ratio": 0.2, "importance": "taylor"})
+    checkpointed = prune(
+        tmp_path,
+        tiny_dir,
+        "checkpointed",
+        pruning={"ratio": 0.2, "importance": "taylor"},
+        calibration={"gradient_checkpointing": True},
+    )
+    assert plain.code == checkpointed.code == 0
+    assert plain.plan == checkpointed.plan

@@ -137,8 +137,9 @@ def test_dry_run_llama2_writes_nothing():
     assert "load -> tokenize -> score -> plan -> prune -> save" in out
     assert "events before_prune, after_prune, after_save" in out
     assert "128 windows x 512 tokens" in out
-    assert "(llama, 32 layers, 32Q:32KV heads, 6,738,415,616 parameters, bfloat16 on auto)" in out
+    assert "(llama, 32 layers, 32Q:32KV heads, 6,738,415,616 parameters, bfloat16 on device_map auto)" in out
     assert "remove 20.00% of total parameters = 1,347,683,123" in out
+    assert "memory:      12.55 GiB of weights in bfloat16; " in out  # 6,738,415,616 x 2 bytes
     assert "hooks:       analysis" in out
     assert [tree_digest(p) for p in watched] == before and watched[0].exists() == existed
 

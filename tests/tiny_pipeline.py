@@ -85,7 +85,7 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, **sections: Any)
     """A pipeline config for the tiny model (absolute paths, so any working directory works)."""
     config = {
         "name": "tiny",
-        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "model": {"path": str(model_dir), "dtype": "float32", "device_map": "cpu"},
         "calibration": {"source": str(WIKI_VALID), "num_samples": 4, "seq_len": 32, "batch_size": 2},
         "pruning": {"ratio": 0.2},
         "output": {"dir": str(output_dir)},

@@ -1,0 +1,100 @@
+"""Tensor-by-tensor safetensors reading and writing: what transformers and safetensors read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruning.shards import INDEX_FILE, SINGLE_FILE, ShardReader, ShardWriter
+from pruning.weight_files import find_weight_files
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(4, 6, generator=gen),  # 96 bytes
+        "b.weight": torch.randn(10, generator=gen).to(torch.bfloat16),  # 20 bytes
+        "c.weight": torch.randn(3, 3, 3, generator=gen).half(),  # 54 bytes
+        "d.empty": torch.empty(0, 5),
+        "e.ids": torch.arange(7),
+    }
+
+
+def _declared(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    return [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+
+
+def _read_back(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in find_weight_files(directory).safetensors:
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.parametrize("max_bytes", [10**6, 100, 1])
+def test_tensors_written_in_any_order_read_back_equal(tmp_path: Path, max_bytes: int) -> None:
+    tensors = _tensors()
+    writer = ShardWriter(tmp_path, _declared(tensors), max_bytes)
+    for name in reversed(list(tensors)):
+        writer.write(name, tensors[name])
+    writer.close()
+    back = _read_back(tmp_path)
+    assert sorted(back) == sorted(tensors)
+    assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in tensors.items())
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    if max_bytes == 10**6:
+        assert files == [SINGLE_FILE] and not (tmp_path / INDEX_FILE).exists()
+    else:
+        index = json.loads((tmp_path / INDEX_FILE).read_text())
+        assert set(index["weight_map"].values()) == set(files)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_shards_fill_in_declaration_order_and_a_big_tensor_gets_its_own(tmp_path: Path) -> None:
+    tensors = _tensors()
+    writer = ShardWriter(tmp_path, _declared(tensors), 100)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    # a (96) alone: adding b (20) would pass 100; b + c = 74; d (0) joins them; e (56) would pass 100
+    assert weight_map == {
+        "a.weight": "model-00001-of-00003.safetensors",
+        "b.weight": "model-00002-of-00003.safetensors",
+        "c.weight": "model-00002-of-00003.safetensors",
+        "d.empty": "model-00002-of-00003.safetensors",
+        "e.ids": "model-00003-of-00003.safetensors",
+    }
+
+
+def test_a_wrong_write_is_refused_and_a_missing_one_fails_close(tmp_path: Path) -> None:
+    tensors = _tensors()
+    writer = ShardWriter(tmp_path, _declared(tensors), 10**6)
+    with pytest.raises(RuntimeError, match="not declared"):
+        writer.write("z.weight", torch.zeros(1))
+    with pytest.raises(RuntimeError, match="declared torch.float32"):
+        writer.write("a.weight", torch.zeros(4, 5))
+    writer.write("a.weight", tensors["a.weight"])
+    with pytest.raises(RuntimeError, match="written twice"):
+        writer.write("a.weight", tensors["a.weight"])
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+
+
+def test_reader_reads_each_tensor_and_casts_floating_ones(tmp_path: Path) -> None:
+    tensors = _tensors()
+    save_file(dict(list(tensors.items())[:2]), str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(dict(list(tensors.items())[2:]), str(tmp_path / "model-00002-of-00002.safetensors"))
+    weight_map = {n: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, n in enumerate(tensors)}
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    reader = ShardReader(find_weight_files(tmp_path))
+    for name, tensor in tensors.items():
+        assert torch.equal(reader.read(name), tensor)
+    cast = reader.read("a.weight", torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, tensors["a.weight"].to(torch.bfloat16))
+    assert reader.read("e.ids", torch.bfloat16).dtype == torch.int64  # integers are never cast
+    assert "a.weight" in reader and "z" not in reader
