@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2_0.2.yaml
 ARGS   ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-memory clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_analysis.py
+
+SHAPE ?= 1b
+bench-memory: setup   # make bench-memory SHAPE=13b (writes 24.6 GiB of random weights to /tmp first)
+	$(BIN)/python benchmarks/memory.py --shape $(SHAPE) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

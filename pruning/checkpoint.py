@@ -32,6 +32,7 @@ from pruning.families import adapter_for
 from pruning.families.layout import LAYOUT_KEY, Layout
 from pruning.fsutil import current_umask
 from pruning.jsonio import read_json_object
+from pruning.shards import SAFETENSORS_DTYPES
 from pruning.surgery import pruned_layout, resize_to_layout
 from pruning.weight_files import (
     PICKLE_SUFFIXES,
@@ -41,13 +42,6 @@ from pruning.weight_files import (
 )
 
 logger = logging.getLogger(__name__)
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float64: "F64",
-}
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -148,7 +142,7 @@ def verify_saved(model: nn.Module, directory: Path) -> None:
         tensor, info = expected[name], stored[name]
         if (
             tuple(tensor.shape) != info.shape
-            or _SAFETENSORS_DTYPES.get(tensor.dtype, info.dtype) != info.dtype
+            or SAFETENSORS_DTYPES.get(tensor.dtype, info.dtype) != info.dtype
         ):
             problems.append(
                 f"{name}: {info.dtype}{list(info.shape)} on disk, {tensor.dtype}{list(tensor.shape)}"
@@ -310,7 +304,7 @@ def _read_generation_config(model: nn.Module, path: Path) -> None:
 
 def _stored_dtype(files: WeightFiles) -> torch.dtype | None:
     """The floating dtype most stored tensors have (None when there is none)."""
-    by_name = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+    by_name = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
     counts = Counter(info.dtype for info in stored_tensors(files).values() if info.dtype in by_name)
     return by_name[counts.most_common(1)[0][0]] if counts else None
 

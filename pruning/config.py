@@ -248,6 +248,12 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
             size_in_bytes(output["max_shard_size"])
         except ValueError as e:
             raise UserError(f"{path}: output.max_shard_size: {e}") from e
+    calibration = raw.get("calibration", {})
+    if calibration.get("gradient_checkpointing") and pruning.get("importance", "activation") != "taylor":
+        raise UserError(
+            f"{path}: calibration.gradient_checkpointing applies to the taylor criterion only "
+            f"(pruning.importance is {pruning.get('importance', 'activation')})"
+        )
     for key, size in (raw["model"].get("max_memory") or {}).items():
         try:
             size_in_bytes(str(size))

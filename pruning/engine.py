@@ -197,25 +197,38 @@ def run_layerwise(
     park = _parking_device(inputs.hidden)
     for idx in tqdm(range(len(layers)), desc="calibration, layer by layer", unit="layer"):
         device = store.load(idx, layers[idx])
-        if change is not None:
-            change(idx, layers[idx])
-        layer = layers[idx]  # ``change`` may have replaced it
-        handles: list[Handle] = []
         try:
-            for observer in observers:
-                handles += observer.watch(idx, layer)
-            for b, hidden in enumerate(inputs.hidden):
-                args, kwargs = to_device((inputs.args[idx][b], inputs.kwargs[idx][b]), device)
-                out = layer(hidden.to(device), *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                inputs.hidden[b] = out if park is None else out.to(park)
+            if change is not None:
+                change(idx, layers[idx])
+            _run_layer(idx, layers[idx], device, inputs, observers, park)  # ``change`` may replace it
         finally:
-            for handle in handles:
-                handle.remove()
-        inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
+            store.unload(idx, layers[idx])
+
+
+def _run_layer(
+    idx: int,
+    layer: nn.Module,
+    device: torch.device,
+    inputs: LayerInputs,
+    observers: Sequence[LayerObserver],
+    park: torch.device | None,
+) -> None:
+    """One layer on every batch of its cached inputs, watched; its outputs replace them."""
+    handles: list[Handle] = []
+    try:
         for observer in observers:
-            observer.layer_done(idx, layer)
-        store.unload(idx, layer)
+            handles += observer.watch(idx, layer)
+        for b, hidden in enumerate(inputs.hidden):
+            args, kwargs = to_device((inputs.args[idx][b], inputs.kwargs[idx][b]), device)
+            out = layer(hidden.to(device), *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            inputs.hidden[b] = out if park is None else out.to(park)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
+    for observer in observers:
+        observer.layer_done(idx, layer)
 
 
 def _parking_device(hidden: list[torch.Tensor]) -> torch.device | None:

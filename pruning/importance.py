@@ -315,8 +315,9 @@ class TaylorCriterion:
                 p.grad = None
             for p in scored:
                 p.requires_grad_(True)
-            if self.gradient_checkpointing:
+            if self.gradient_checkpointing and not was_checkpointing:
                 model.activation_checkpointing_enable({"use_reentrant": False})
+            if self.gradient_checkpointing:
                 for layer in layers:  # transformers checkpoints a layer only in training mode; its
                     layer.training = True  # submodules stay in eval mode, so dropout stays off
             accumulate_gradients(model, windows, self.batch_size)

@@ -85,16 +85,10 @@ def resolve_placement(cfg: ModelConfig, skeleton: nn.Module) -> Placement:
     elif device_map == "auto" and torch.cuda.is_available():
         placement = _auto(cfg, skeleton, names)
     else:
-        device = pick_device("cpu" if device_map == "auto" else device_map)
-        placement = Placement(dict.fromkeys(names, device), device, f"model.device_map {device_map}")
-        room = _room(device)
-        if cfg.streaming == "auto" and size > room:
-            placement = Placement(
-                dict.fromkeys(names, DISK),
-                device,
-                f"the weights ({size / 2**30:.1f} GiB) exceed the room on {device} "
-                f"({room / 2**30:.1f} GiB), so every layer is streamed from disk",
-            )
+        device = single_device(device_map)
+        stream, why = _fits(cfg, device, size)
+        parts = dict.fromkeys(names, DISK if stream else device)
+        placement = Placement(parts, device, why if stream else f"model.device_map {device_map}")
     if cfg.streaming == "always":
         placement = Placement(dict.fromkeys(names, DISK), placement.compute, "model.streaming always")
     if cfg.streaming == "never" and placement.streamed:
@@ -113,12 +107,30 @@ def stream_decision(cfg: ModelConfig, size: int) -> str:
         return "streamed layer by layer (model.streaming always)"
     if isinstance(device_map, dict) or (device_map == "auto" and torch.cuda.is_available()):
         return "parts placed by model.device_map at load (those on disk are streamed)"
-    device = pick_device("cpu" if device_map == "auto" else device_map)
+    stream, why = _fits(cfg, single_device(device_map), size)
+    return f"streamed layer by layer: {why}" if stream else f"held in memory: {why}"
+
+
+def single_device(device_map: str) -> str:
+    """The device a one-device map names (``auto`` without a GPU is the CPU)."""
+    return pick_device("cpu" if device_map == "auto" else device_map)
+
+
+def _fits(cfg: ModelConfig, device: str, size: int) -> tuple[bool, str]:
+    """(whether ``model.streaming`` streams a model of ``size`` bytes on ``device``, why in words)."""
     room = _room(device)
-    fits = f"{'within' if size <= room else 'more than'} the {room / 2**30:.1f} GiB of room on {device}"
-    if size <= room or cfg.streaming == "never":
-        return f"held in memory ({fits})"
-    return f"streamed layer by layer ({fits})"
+    weights = f"the weights ({size / 2**30:.2f} GiB)"
+    if size <= room:
+        return False, f"{weights} fit the {room / 2**30:.1f} GiB of room on {device}"
+    if cfg.streaming == "never":
+        return (
+            False,
+            f"{weights} exceed the {room / 2**30:.1f} GiB of room on {device}; model.streaming never",
+        )
+    return (
+        True,
+        f"{weights} exceed the {room / 2**30:.1f} GiB of room on {device}, so every layer is streamed",
+    )
 
 
 def pick_device(name: str) -> str:
@@ -200,4 +212,5 @@ def _auto(cfg: ModelConfig, skeleton: nn.Module, names: list[str]) -> Placement:
         skeleton, max_memory=max_memory, no_split_module_classes=layer_classes, dtype=skeleton.dtype
     )
     parts = _from_map(dict(inferred), names)
-    return Placement(parts, _first_device(parts), f"model.device_map auto (max_memory {max_memory})")
+    room = ", ".join(f"{device}: {size / 2**30:.1f} GiB" for device, size in max_memory.items())
+    return Placement(parts, _first_device(parts), f"model.device_map auto (max_memory {room})")

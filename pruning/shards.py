@@ -12,6 +12,7 @@ front; the pruned model's skeleton on the meta device knows them all before any 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pruning.errors import UserError
 from pruning.weight_files import TensorInfo, WeightFiles, read_header
 
 TORCH_DTYPES = {
@@ -39,18 +41,17 @@ class ShardReader:
         self.where: dict[str, tuple[Path, TensorInfo]] = {}
         for file in files.safetensors:
             for name, info in read_header(file).items():
+                if info.dtype not in TORCH_DTYPES:
+                    raise UserError(f"{file}: {name} is stored as {info.dtype}, which cannot be streamed")
                 self.where[name] = (file, info)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
 
     def read(
         self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """The tensor, cast to ``dtype`` if it is floating (as ``from_pretrained(dtype=...)`` casts)."""
+        if name not in self.where:
+            raise UserError(f"the model's weights hold no tensor {name}")
         file, info = self.where[name]
-        if info.dtype not in TORCH_DTYPES:
-            raise ValueError(f"{file}: {name} has dtype {info.dtype}, which this reader does not handle")
         begin, end = info.offsets
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
@@ -59,7 +60,9 @@ class ShardReader:
             while done < len(view):
                 got = os.preadv(f.fileno(), [view[done:]], begin + done)
                 if got == 0:
-                    raise OSError(f"{file}: file ended while reading {name}")
+                    raise UserError(
+                        f"{file}: the file ended while reading {name} (truncated since the run began?)"
+                    )
                 done += got
         tensor = buffer.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
@@ -79,7 +82,8 @@ class _Slot:
 class ShardWriter:
     """Writes declared tensors into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own),
     named as transformers names them; the index is written by ``close``, which checks every declared
-    tensor was written exactly once. Shards fill in declaration order, as transformers fills them."""
+    tensor was written exactly once. Shards fill in declaration order, as transformers fills them;
+    within a shard, wider elements come first so every tensor starts aligned to its element size."""
 
     def __init__(
         self,
@@ -88,42 +92,58 @@ class ShardWriter:
         max_shard_bytes: int,
     ) -> None:
         self.directory = directory
+        self.slots: dict[str, _Slot] = {}
+        self.total_bytes = 0
+        self._written: set[str] = set()
+        self._files: dict[str, int] = {}
+        headers = self._layout(tensors, max_shard_bytes)  # every header before any file is opened
+        try:
+            for file, (raw, size) in headers.items():
+                fd = os.open(directory / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                self._files[file] = fd
+                os.pwrite(fd, raw, 0)
+                os.ftruncate(fd, len(raw) + size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _layout(
+        self, tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int
+    ) -> dict[str, tuple[bytes, int]]:
+        """File name -> (header bytes with their length prefix, data bytes); fills ``self.slots``."""
         groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
         size = 0
         for name, dtype, shape in tensors:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{name}: {dtype} has no safetensors name")
             nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
             if groups[-1] and size + nbytes > max_shard_bytes:
                 groups.append([])
                 size = 0
             groups[-1].append((name, dtype, shape, nbytes))
             size += nbytes
-        self.slots: dict[str, _Slot] = {}
-        self.total_bytes = 0
-        self._files: dict[str, int] = {}
-        count = len(groups)
+        headers: dict[str, tuple[bytes, int]] = {}
         for number, group in enumerate(groups, start=1):
-            file = SINGLE_FILE if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+            file = SINGLE_FILE if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+            group.sort(key=lambda entry: -torch.empty((), dtype=entry[1]).element_size())  # stable
             header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-            position = 0
+            offsets, position = {}, 0
             for name, dtype, shape, nbytes in group:
                 header[name] = {
                     "dtype": SAFETENSORS_DTYPES[dtype],
                     "shape": list(shape),
                     "data_offsets": [position, position + nbytes],
                 }
+                offsets[name] = position
                 position += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
             start = 8 + len(raw)
-            fd = os.open(directory / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            self._files[file] = fd
-            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-            os.ftruncate(fd, start + position)
             for name, dtype, shape, nbytes in group:
-                offset = start + header[name]["data_offsets"][0]  # type: ignore[index]
-                self.slots[name] = _Slot(file, offset, dtype, shape, nbytes)
+                self.slots[name] = _Slot(file, start + offsets[name], dtype, shape, nbytes)
+            headers[file] = (len(raw).to_bytes(8, "little") + raw, position)
             self.total_bytes += position
-        self._written: set[str] = set()
+        return headers
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.slots.get(name)
@@ -143,10 +163,11 @@ class ShardWriter:
 
     def close(self) -> None:
         """Flush and close the shards and write the index; raises if a declared tensor is missing."""
-        for fd in self._files.values():
-            os.fsync(fd)
-            os.close(fd)
-        self._files = {}
+        try:
+            for fd in self._files.values():
+                os.fsync(fd)
+        finally:
+            self.abort()
         missing = sorted(set(self.slots) - self._written)
         if missing:
             raise RuntimeError(f"{len(missing)} declared tensors were never written: {missing[:5]}")
@@ -159,10 +180,11 @@ class ShardWriter:
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def abort(self) -> None:
-        """Close whatever is open (the caller removes the partial directory)."""
-        for fd in self._files.values():
-            os.close(fd)
-        self._files = {}
+        """Close every shard still open, each once (the caller removes the partial directory)."""
+        while self._files:
+            _, fd = self._files.popitem()
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

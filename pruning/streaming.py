@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from pruning.engine import ResidentLayers, each_layer
+from pruning.errors import UserError
 from pruning.families import adapter_for
 from pruning.placement import DISK, Placement
 from pruning.plan import PruningPlan
@@ -79,13 +80,14 @@ def read_into(module: nn.Module, prefix: str, reader: ShardReader, dtype: torch.
     """Give ``module`` (named ``prefix`` in the model) its stored tensors, cast as ``from_pretrained``
     casts them."""
     base = f"{prefix}." if prefix else ""
-    names = [name for name, _ in module.named_parameters()]
-    state = {name: reader.read(base + name, dtype, device) for name in names}
-    for name, tensor in state.items():
+    for name, param in list(module.named_parameters()):
+        tensor = reader.read(base + name, dtype, device)
+        if tensor.shape != param.shape:
+            stored, needed = list(tensor.shape), list(param.shape)
+            raise UserError(f"{base + name} is stored as {stored}; the model's config needs {needed}")
         owner, _, attr = name.rpartition(".")
         sub = module.get_submodule(owner) if owner else module
-        old = sub._parameters[attr]
-        sub._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        sub._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
 
 
 class StreamedLayers:
@@ -94,9 +96,9 @@ class StreamedLayers:
     def __init__(self, model: nn.Module, reader: ShardReader, placement: Placement, dtype: torch.dtype):
         self.model, self.reader, self.placement, self.dtype = model, reader, placement, dtype
         self.names = {id(module): name for name, module in model.named_modules()}
-        layers = adapter_for(model.config).decoder_layers(model)
-        layer_names = {self.names[id(layer)] for layer in layers}
-        self.outside = [n for n in placement.parts if n not in layer_names and placement.parts[n] == DISK]
+        # what runs before the first layer: capture stops at the last layer, so norm and head never run
+        embeddings = self.names[id(model.get_input_embeddings())]
+        self.outside = [embeddings] if placement.parts.get(embeddings) == DISK else []
 
     def _streamed(self, name: str) -> bool:
         return self.placement.parts.get(name) == DISK

@@ -48,7 +48,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     # where the bytes lie in the file, absolute (start, end): what a streamed read seeks to
-    offsets: tuple[int, int] = field(default=(0, 0), compare=False)
+    offsets: tuple[int, int] = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 
 
 def _check_entries(
-    file: Path, header: dict[str, Any], data_len: int, data_start: int = 0
+    file: Path, header: dict[str, Any], data_len: int, data_start: int
 ) -> dict[str, TensorInfo]:
     """The header's promises, checked: every byte range fits its shape and the ranges tile the data."""
     tensors: dict[str, TensorInfo] = {}

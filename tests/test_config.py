@@ -296,3 +296,12 @@ def test_max_memory_reaches_accelerate_as_bytes_with_gpu_indices(tmp_path: Path)
     raw["model"]["max_memory"] = {0: "20GiB", "1": "1.5GB", "cpu": "512MiB"}
     config = load_config(write(tmp_path, raw))
     assert config.model.max_memory_bytes() == {0: 20 * 2**30, 1: 1_500_000_000, "cpu": 512 * 2**20}
+
+
+def test_gradient_checkpointing_without_taylor_is_refused(tmp_path: Path):
+    raw = minimal()
+    raw["calibration"] = {"gradient_checkpointing": True}
+    with pytest.raises(UserError, match="gradient_checkpointing applies to the taylor criterion only"):
+        load_config(write(tmp_path, raw))
+    raw["pruning"]["importance"] = "taylor"
+    assert load_config(write(tmp_path, raw)).calibration.gradient_checkpointing

@@ -493,3 +493,33 @@ def test_taylor_with_gradient_checkpointing_gives_the_same_plan(
     )
     assert plain.code == checkpointed.code == 0
     assert plain.plan == checkpointed.plan
+
+
+@pytest.mark.parametrize(
+    ("model_section", "message"),
+    [
+        (
+            {"device_map": {"": "cpu", "model.layers.1.mlp": "disk"}},
+            "model.layers.1.mlp is inside model.layers.1",
+        ),
+        ({"device_map": {"": "cpu", "model.decoder": "disk"}}, "no module 'model.decoder'"),
+        ({"device_map": {"model.layers": "disk"}}, "places nothing for model.embed_tokens"),
+        ({"device_map": {"": "cpu", "model.layers.0": "disk"}, "streaming": "never"}, "streaming is never"),
+    ],
+)
+def test_a_bad_device_map_is_one_line_before_any_weight_is_read(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch, model_section, message
+):
+    from transformers import AutoModelForCausalLM
+
+    from pruning import shards
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(shards.ShardReader, "read", trap)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", trap)
+    result = prune(tmp_path, tiny_dir, model=model_section)
+    err = capsys.readouterr().err
+    assert result.code == 2 and message in err and err.startswith("error: model.")
+    assert len(err.strip().splitlines()) == 1 and not result.out.exists()

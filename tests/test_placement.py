@@ -41,7 +41,7 @@ def test_auto_streaming_when_the_weights_exceed_the_room(monkeypatch: pytest.Mon
     monkeypatch.setattr(placement_module, "_room", lambda device: weight_bytes(skeleton) - 1)
     placement = resolve_placement(ModelConfig(path="x"), skeleton)
     assert set(placement.parts.values()) == {DISK} and placement.compute == "cpu"
-    assert "exceed the room on cpu" in placement.reason
+    assert "exceed the" in placement.reason and "room on cpu, so every layer is streamed" in placement.reason
     assert not resolve_placement(ModelConfig(path="x", streaming="never"), skeleton).streamed
     with pytest.raises(UserError, match="streaming is never, but model.device_map puts model.layers.1"):
         device_map = {"": "cpu", "model.layers.1": DISK}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pruning.errors import UserError
 from pruning.shards import INDEX_FILE, SINGLE_FILE, ShardReader, ShardWriter
 from pruning.weight_files import find_weight_files
 
@@ -97,4 +98,30 @@ def test_reader_reads_each_tensor_and_casts_floating_ones(tmp_path: Path) -> Non
     cast = reader.read("a.weight", torch.bfloat16)
     assert cast.dtype == torch.bfloat16 and torch.equal(cast, tensors["a.weight"].to(torch.bfloat16))
     assert reader.read("e.ids", torch.bfloat16).dtype == torch.int64  # integers are never cast
-    assert "a.weight" in reader and "z" not in reader
+    with pytest.raises(UserError, match="no tensor z"):
+        reader.read("z")
+
+
+def test_wider_elements_come_first_so_every_tensor_is_aligned(tmp_path: Path) -> None:
+    tensors = {"half": torch.ones(3).half(), "float": torch.ones(5), "long": torch.arange(2)}
+    writer = ShardWriter(tmp_path, _declared(tensors), 10**6)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    for name, tensor in tensors.items():
+        assert writer.slots[name].offset % tensor.element_size() == 0, name
+    assert all(torch.equal(_read_back(tmp_path)[n], t) for n, t in tensors.items())
+
+
+def test_a_failed_write_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    tensors = _tensors()
+    writer = ShardWriter(tmp_path, _declared(tensors), 100)  # three shards, three descriptors
+    assert len(os.listdir("/proc/self/fd")) == before + 3
+    with pytest.raises(RuntimeError):
+        writer.write("a.weight", torch.zeros(1))
+    writer.abort()
+    writer.abort()  # twice is harmless
+    assert len(os.listdir("/proc/self/fd")) == before

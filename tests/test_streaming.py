@@ -178,3 +178,57 @@ def test_device_hooks_leave_whole_model_passes_and_saving_unchanged(tmp_path: Pa
     saved = [_saved(tmp_path / name) for name in ("plain", "hooked")]
     assert sorted(saved[0]) == sorted(saved[1])
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+def test_capture_reads_only_the_embeddings(tmp_path: Path) -> None:
+    """Norm and head never run during capture (it stops at the last layer), so they are never read."""
+    from pruning.engine import calibrate
+
+    source = _source(tmp_path, "llama_mha")  # untied head: a part of its own
+    model, store = _placed(source, torch.float32, streaming="always")
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def check(module, args):
+        seen.append(
+            (
+                model.get_input_embeddings().weight.is_meta,
+                model.model.norm.weight.is_meta,
+                model.lm_head.weight.is_meta,
+            )
+        )
+
+    adapter_for(model.config).decoder_layers(model)[0].register_forward_pre_hook(check)
+    calibrate(model, input_ids(batch=4, length=12), 2, [], "layerwise", store)
+    assert seen[0] == (False, True, True)  # while capturing: embeddings only
+    assert all(s[0] and s[1] and s[2] for s in seen[2:])  # the layer pass: none of them
+
+
+def test_the_pruning_pass_holds_one_layer_and_a_failure_leaves_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from pruning import streaming
+
+    source = _source(tmp_path, "llama_mha")
+    model, store = _placed(source, torch.float32, streaming="always")
+    scores = get_criterion("magnitude", store=store).score(model, None)
+    plan = plan_global(model, scores, 0.3)
+    layers = adapter_for(model.config).decoder_layers(model)
+    resident: list[int] = []
+    real_prune = streaming.apply_layer_plan
+
+    def watched(model_, layer_plan):
+        resident.append(sum(not next(layer.parameters()).is_meta for layer in layers))
+        if layer_plan.layer_idx == 3:
+            raise OSError(28, "No space left on device")
+        real_prune(model_, layer_plan)
+
+    monkeypatch.setattr(streaming, "apply_layer_plan", watched)
+    fds = len(os.listdir("/proc/self/fd"))
+    weights = partial_dir(tmp_path / "out")
+    with pytest.raises(OSError, match="No space"):
+        prune_and_write(model, plan, store, weights, max_shard_bytes=30_000)
+    assert resident == [1, 1, 1, 1]
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert all(p.is_meta for p in model.parameters())  # the failed layer was dropped too
