@@ -6,15 +6,15 @@ Writes a random-initialised model of the chosen shapes shard by shard (never who
 temporary directory, with SmolLM2's tokenizer, then runs ``run_global_pruning.py`` on it with the
 default config (activation criterion, 20%, analysis hook, save; 8 calibration windows of 64 tokens)
 once per mode and run, each in a fresh process, and prints the medians side by side: peak resident
-memory (the run's own ``ru_maxrss``, in run.json), its ratio to the weight bytes, whether the run
+memory (the run's own ``VmHWM``, ``peak_rss_mb`` in run.json), its ratio to the weight bytes, whether the run
 streamed (``model.streaming: auto`` streams a model whose weights exceed 70% of the available RAM),
 and time per stage. Modes: ``whole_model`` and ``layerwise`` are the calibration engines (streaming
 left to ``auto``); ``streamed`` is layerwise with ``model.streaming: always``. The plans of all runs
 must be equal; a difference exits 1. Missed targets are printed, not fatal: a streamed run at most
 8 GiB, an in-memory run at most 1.2x the weight bytes.
 
-The benchmark process itself never imports torch, so a child's ``ru_maxrss`` (which Linux carries over
-across ``exec`` from the forking process) is the child's own.
+run.json reads ``VmHWM``, not ``ru_maxrss`` (which Linux carries over across ``exec`` from the
+forking process); the benchmark process never imports torch anyway, so either is the child's own.
 """
 
 from __future__ import annotations
