@@ -57,8 +57,9 @@ class LayerStore(Protocol):
     """Where decoder layers' weights are while a pass runs: resident on their devices, or read from the
     checkpoint when the pass reaches them and dropped when it moves on (``pruning.streaming``)."""
 
-    def outside_layers(self) -> contextlib.AbstractContextManager[None]:
-        """Inside, the modules that run before the first decoder layer (embeddings) have their weights."""
+    def outside_layers(self, head: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Inside, the modules that run before the first decoder layer (embeddings) have their weights,
+        and with ``head`` also those after the last (final norm, head)."""
         ...
 
     def load(self, layer_idx: int, layer: nn.Module) -> torch.device:
@@ -73,7 +74,7 @@ class LayerStore(Protocol):
 class ResidentLayers:
     """Every layer already holds its weights; it computes where they are."""
 
-    def outside_layers(self) -> contextlib.AbstractContextManager[None]:
+    def outside_layers(self, head: bool = False) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def load(self, layer_idx: int, layer: nn.Module) -> torch.device:
@@ -131,6 +132,23 @@ def batches(windows: torch.LongTensor | None, batch_size: int) -> list[torch.Lon
     return [windows[start : start + batch_size] for start in range(0, windows.shape[0], batch_size)]
 
 
+@contextlib.contextmanager
+def _forwards_replaced(layers: Sequence[nn.Module], forwards: Sequence[Callable[..., Any]]) -> Iterator[None]:
+    """Each layer's forward replaced; an instance-level forward (accelerate's device hooks put one
+    there) is put back afterwards."""
+    own_forward = [vars(layer).get("forward") for layer in layers]
+    try:
+        for layer, forward in zip(layers, forwards, strict=True):
+            layer.forward = forward
+        yield
+    finally:
+        for layer, forward in zip(layers, own_forward, strict=True):
+            if forward is None:
+                vars(layer).pop("forward", None)  # the class's forward again
+            else:
+                layer.forward = forward
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size: int) -> LayerInputs:
     """Run the model with every decoder layer's forward replaced by a recorder that passes its input on.
@@ -156,21 +174,11 @@ def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size
 
         return forward
 
-    # An instance-level forward (accelerate's device hooks put one there) is put back afterwards.
-    own_forward = [vars(layer).get("forward") for layer in layers]
-    try:
-        for idx, layer in enumerate(layers):
-            layer.forward = recorder(idx)
-        device = model.get_input_embeddings().weight.device  # a streamed model's other weights are meta
+    device = model.get_input_embeddings().weight.device  # a streamed model's other weights are meta
+    with _forwards_replaced(layers, [recorder(idx) for idx in range(num_layers)]):
         for batch in batches(windows, batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for layer, forward in zip(layers, own_forward, strict=True):
-            if forward is None:
-                vars(layer).pop("forward", None)  # the class's forward again
-            else:
-                layer.forward = forward
     return inputs
 
 
@@ -182,8 +190,9 @@ def run_layerwise(
     observers: Sequence[LayerObserver],
     change: LayerChange | None = None,
     store: LayerStore | None = None,
-) -> None:
-    """Each decoder layer in turn, on every batch of the cached inputs, with the observers watching.
+) -> list[torch.Tensor]:
+    """Each decoder layer in turn, on every batch of the cached inputs, with the observers watching;
+    returns the last layer's outputs, per batch.
 
     ``store`` gives each layer its weights when the pass reaches it (and may take them away after);
     the cached inputs follow each layer to its device. ``change`` runs on each layer before it computes
@@ -203,6 +212,38 @@ def run_layerwise(
             _run_layer(idx, layers[idx], device, inputs, observers, park)  # ``change`` may replace it
         finally:
             store.unload(idx, layers[idx])
+    return inputs.hidden
+
+
+@torch.no_grad()
+def layerwise_logits(
+    model: nn.Module, windows: torch.LongTensor, batch_size: int, store: LayerStore | None = None
+) -> Iterator[tuple[torch.LongTensor, torch.Tensor]]:
+    """(batch, logits) for every batch, computed layer by layer (one layer's weights at a time when
+    ``store`` streams them): the model's own forward then turns the last layer's outputs into logits,
+    with every decoder layer's forward replaced (the last one hands back its cached outputs), so the
+    final norm, head and any logit soft-capping are the family's own code. The logits equal a
+    whole-model forward's."""
+    store = store or ResidentLayers()
+    was_training = model.training
+    model.eval()
+    try:
+        final = run_layerwise(model, windows, batch_size, [], store=store)
+        layers = adapter_for(model.config).decoder_layers(model)
+
+        def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden_states
+
+        def replay(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return final.pop(0).to(hidden_states.device)
+
+        forwards = [passthrough] * (len(layers) - 1) + [replay]
+        with store.outside_layers(head=True), _forwards_replaced(layers, forwards):
+            device = model.get_input_embeddings().weight.device
+            for batch in batches(windows, batch_size):
+                yield batch, model(input_ids=batch.to(device), use_cache=False).logits
+    finally:
+        model.train(was_training)
 
 
 def _run_layer(

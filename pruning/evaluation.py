@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,28 +49,48 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.LongTensor, batch_size: int = 1) -> float:
+def perplexity(
+    model: nn.Module,
+    windows: torch.LongTensor,
+    batch_size: int = 1,
+    engine: str = "whole_model",
+    store: Any = None,
+) -> float:
     """exp(mean next-token NLL over all predicted tokens of all windows).
 
     Each window predicts its tokens 1..seq_len-1 from the ones before; windows are independent (no
-    context carried across), so every window contributes the same number of tokens.
+    context carried across), so every window contributes the same number of tokens. ``engine``
+    ``layerwise`` computes the same logits one decoder layer at a time (``pruning.engine``; ``store``
+    streams the layers of a model larger than memory).
     """
+    from pruning.engine import batches, layerwise_logits
+
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs windows [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
-    was_training = model.training
-    model.eval()
-    device = input_device(model)
+    if engine == "layerwise":
+        outputs = layerwise_logits(model, windows, batch_size, store)
+    else:
+        outputs = _whole_model_logits(model, batches(windows, batch_size))
     total_nll, total_tokens = 0.0, 0
-    try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch"):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
-            targets = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total_nll += nll.item()
-            total_tokens += targets.numel()
-    finally:
-        model.train(was_training)
+    for batch, logits in tqdm(outputs, desc="perplexity", unit="batch"):
+        logits = logits[:, :-1, :].float()
+        targets = batch[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += targets.numel()
     ppl = math.exp(total_nll / total_tokens)
     logger.info("perplexity %.4f over %d windows x %d tokens", ppl, windows.shape[0], windows.shape[1])
     return ppl
+
+
+def _whole_model_logits(
+    model: nn.Module, parts: list[torch.LongTensor]
+) -> Iterator[tuple[torch.LongTensor, torch.Tensor]]:
+    was_training = model.training
+    model.eval()
+    device = input_device(model)
+    try:
+        for batch in parts:
+            yield batch, model(input_ids=batch.to(device), use_cache=False).logits
+    finally:
+        model.train(was_training)

@@ -96,22 +96,29 @@ class StreamedLayers:
     def __init__(self, model: nn.Module, reader: ShardReader, placement: Placement, dtype: torch.dtype):
         self.model, self.reader, self.placement, self.dtype = model, reader, placement, dtype
         self.names = {id(module): name for name, module in model.named_modules()}
-        # what runs before the first layer: capture stops at the last layer, so norm and head never run
+        # before the first layer: the embeddings (capture stops at the last layer); after it: the rest
         embeddings = self.names[id(model.get_input_embeddings())]
-        self.outside = [embeddings] if placement.parts.get(embeddings) == DISK else []
+        layer_names = {self.names[id(layer)] for layer in adapter_for(model.config).decoder_layers(model)}
+        self.before = [embeddings] if placement.parts.get(embeddings) == DISK else []
+        self.after = [
+            name
+            for name, device in placement.parts.items()
+            if device == DISK and name != embeddings and name not in layer_names
+        ]
 
     def _streamed(self, name: str) -> bool:
         return self.placement.parts.get(name) == DISK
 
     @contextlib.contextmanager
-    def outside_layers(self) -> Iterator[None]:
-        for name in self.outside:
+    def outside_layers(self, head: bool = False) -> Iterator[None]:
+        parts = self.before + (self.after if head else [])
+        for name in parts:
             read_into(self.model.get_submodule(name), name, self.reader, self.dtype, self.placement.compute)
         self.model.tie_weights()  # a tied head shares the new parameter (counts stay those of the model)
         try:
             yield
         finally:
-            for name in self.outside:
+            for name in parts:
                 to_meta(self.model.get_submodule(name))
             self.model.tie_weights()
 

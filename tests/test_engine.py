@@ -161,3 +161,19 @@ def test_bf16_model_calibrates_with_fp32_statistics() -> None:
     reference = ActivationCriterion(batch_size=2).score(tiny_model("llama_gqa"), windows)  # the fp32 model
     for x, y in zip(a.mlp, reference.mlp, strict=True):
         assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.99  # bf16 rounding, same ranking signal
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize(("arch", "impl"), ARCH_IMPLS)
+def test_layerwise_logits_equal_a_whole_model_forward(arch: str, impl: str, batch_size: int) -> None:
+    """Final norm, head and Gemma's logit soft-capping come from the model's own forward."""
+    from pruning.engine import layerwise_logits
+
+    model = tiny_model(arch, impl)
+    windows = _windows()
+    whole = [model(input_ids=b, use_cache=False).logits for b in windows.split(batch_size)]
+    layerwise = list(layerwise_logits(model, windows, batch_size))
+    assert len(layerwise) == len(whole)
+    for (batch, logits), expected, part in zip(layerwise, whole, windows.split(batch_size), strict=True):
+        assert torch.equal(batch, part) and torch.equal(logits, expected)
+    assert not any("forward" in vars(layer) for layer in adapter_for(model.config).decoder_layers(model))

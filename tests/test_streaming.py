@@ -232,3 +232,17 @@ def test_the_pruning_pass_holds_one_layer_and_a_failure_leaves_nothing_open(
     assert resident == [1, 1, 1, 1]
     assert len(os.listdir("/proc/self/fd")) == fds
     assert all(p.is_meta for p in model.parameters())  # the failed layer was dropped too
+
+
+@pytest.mark.parametrize("arch", ["llama_mha", "gemma2"])  # untied head; tied head with soft-capping
+def test_a_streamed_model_has_the_in_memory_perplexity(tmp_path: Path, arch: str) -> None:
+    from pruning.evaluation import perplexity
+
+    source = _source(tmp_path, arch)
+    windows = input_ids(batch=5, length=12, seed=3)
+    dense = AutoModelForCausalLM.from_pretrained(source).eval()
+    model, store = _placed(source, torch.float32, streaming="always")
+    expected = perplexity(dense, windows, batch_size=2)
+    assert perplexity(model, windows, batch_size=2, engine="layerwise", store=store) == expected
+    assert perplexity(dense, windows, batch_size=2, engine="layerwise") == expected
+    assert all(p.is_meta for p in model.parameters())  # head and embeddings dropped again
