@@ -88,7 +88,7 @@ def resolve_placement(cfg: ModelConfig, skeleton: nn.Module) -> Placement:
         device = single_device(device_map)
         stream, why = _fits(cfg, device, size)
         parts = dict.fromkeys(names, DISK if stream else device)
-        placement = Placement(parts, device, why if stream else f"model.device_map {device_map}")
+        placement = Placement(parts, device, f"model.device_map {device_map}: {why}")
     if cfg.streaming == "always":
         placement = Placement(dict.fromkeys(names, DISK), placement.compute, "model.streaming always")
     if cfg.streaming == "never" and placement.streamed:
