@@ -31,7 +31,10 @@ class PipelineContext:
     plan: PruningPlan | None = None
     checkpoint_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    placement: dict[str, Any] = field(default_factory=dict)  # streamed, reason, parts: where each part lived
+    placement: dict[str, Any] = field(default_factory=dict)
+    # where the model's layer weights are for a pass (pruning.engine.LayerStore): resident, or read from
+    # the source before pruning and from the written shards after it when the run streams
+    layer_store: Any = None  # streamed, reason, parts: where each part lived
     params_before: int = 0
     params_after: int = 0
     layer_params_before: int = 0

@@ -41,7 +41,7 @@ def read_text_file(path: str | Path, what: str = "text file") -> str:
         raise UserError(f"cannot read {what} {path}: {exc}") from exc
 
 
-def _load_dataset_text(name: str) -> str:
+def _load_dataset_text(name: str, what: str = "calibration") -> str:
     """Join the ``text`` column of a ``datasets`` split; ``name`` is ``path[:config[:split]]``.
 
     The whole split is joined, so use it for corpora of WikiText's size, not for C4.
@@ -50,7 +50,7 @@ def _load_dataset_text(name: str) -> str:
         import datasets  # noqa: PLC0415 - optional dependency, imported only when a name is given
     except ImportError as exc:
         raise UserError(
-            f"calibration source {name!r} is not an existing file, and reading it as a dataset name needs "
+            f"{what} source {name!r} is not an existing file, and reading it as a dataset name needs "
             "the `datasets` library: pip install datasets, or give a local text file"
         ) from exc
     parts = name.split(":")
@@ -60,19 +60,19 @@ def _load_dataset_text(name: str) -> str:
     try:
         ds = datasets.load_dataset(path, config, split=split)
     except Exception as exc:  # datasets raises many types; all mean "this source is wrong"
-        raise UserError(f"cannot load calibration dataset {name!r}: {exc}") from exc
+        raise UserError(f"cannot load {what} dataset {name!r}: {exc}") from exc
     if "text" not in ds.column_names:
-        raise UserError(f"calibration dataset {name!r} has no 'text' column (columns: {ds.column_names})")
+        raise UserError(f"{what} dataset {name!r} has no 'text' column (columns: {ds.column_names})")
     return "\n\n".join(ds["text"])
 
 
-def source_text(source: str) -> str:
-    """The text of a calibration source: an existing file, else a ``datasets`` name."""
+def source_text(source: str, what: str = "calibration") -> str:
+    """The text of a source: an existing file, else a ``datasets`` name (``path[:config[:split]]``)."""
     if Path(source).expanduser().is_file():
-        return read_text_file(source, "calibration file")
+        return read_text_file(source, f"{what} file")
     if looks_like_path(source):
-        raise UserError(f"calibration file not found: {source}")
-    return _load_dataset_text(source)
+        raise UserError(f"{what} file not found: {source}")
+    return _load_dataset_text(source, what)
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.LongTensor:

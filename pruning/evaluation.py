@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning.data import read_text_file, tokenize
+from pruning.data import source_text, tokenize
 from pruning.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def evaluation_windows(
     """
     if seq_len < 1:
         raise UserError(f"evaluation seq_len must be >= 1 (got {seq_len})")
-    ids = tokenize(tokenizer, read_text_file(text_path, "evaluation file"))
+    ids = tokenize(tokenizer, source_text(text_path, "evaluation"))
     if max_tokens is not None:
         ids = ids[:max_tokens]
     num_windows = ids.numel() // seq_len
@@ -72,7 +72,9 @@ def perplexity(
     else:
         outputs = _whole_model_logits(model, batches(windows, batch_size))
     total_nll, total_tokens = 0.0, 0
-    for batch, logits in tqdm(outputs, desc="perplexity", unit="batch"):
+    for batch, logits in tqdm(
+        outputs, desc="perplexity", unit="batch", total=-(-windows.shape[0] // batch_size)
+    ):
         logits = logits[:, :-1, :].float()
         targets = batch[:, 1:].to(logits.device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")

@@ -149,6 +149,7 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     ):
         loaded = load_model_and_tokenizer(config.model, context.model_path, _why_not_streamed(config))
         context.model, context.tokenizer, store = loaded.model, loaded.tokenizer, loaded.store
+        context.layer_store = store
         streamed = loaded.placement.streamed
         context.placement = {
             "streamed": streamed,
@@ -187,6 +188,7 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
         if streamed:
             weights_dir = partial_dir(checkpoint)
             prune_and_write(context.model, context.plan, store, weights_dir, config.output.max_shard_bytes)
+            context.layer_store = store.reading(weights_dir)  # hooks evaluate the pruned layers from there
         else:
             apply_plan(context.model, context.plan)
         context.params_after, context.layer_params_after = _count(context.model)

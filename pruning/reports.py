@@ -25,6 +25,7 @@ SCHEMA_FILES: dict[str, str] = {
     "model_comparison": "model_comparison.schema.json",
     "pruning_plan": "pruning_plan.schema.json",
     "run_record": "run_record.schema.json",
+    "perplexity": "perplexity.schema.json",
 }
 
 

@@ -106,6 +106,15 @@ class StreamedLayers:
             if device == DISK and name != embeddings and name not in layer_names
         ]
 
+    def reading(self, directory: Path) -> StreamedLayers:
+        """The same placement over the checkpoint in ``directory`` (the pruned model a streamed run
+        has written), for the model as it is now (pruned shapes)."""
+        from pruning.weight_files import find_weight_files
+
+        return StreamedLayers(
+            self.model, ShardReader(find_weight_files(directory)), self.placement, self.dtype
+        )
+
     def _streamed(self, name: str) -> bool:
         return self.placement.parts.get(name) == DISK
 

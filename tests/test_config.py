@@ -59,7 +59,13 @@ def test_smollm2_config_values():
             ratio=0.2, ratio_of="total", importance="activation", protected_layers=(), min_kv_groups=0
         ),
         output=OutputConfig(dir="results/smollm2_0.2", overwrite=False),
-        hooks=(HookConfig(name="analysis", params={"lang": "en", "verbose": True}, on_error="raise"),),
+        hooks=(
+            HookConfig(name="analysis", params={"lang": "en", "verbose": True}, on_error="raise"),
+            HookConfig(
+                name="perplexity",
+                params={"text": "data/wikitext-2-raw/wiki.test.raw", "protocol": "quick", "batch_size": 1},
+            ),
+        ),
         source_file=str(SMOLLM2),
     )
     assert isinstance(config.pruning.ratio, float) and isinstance(config.calibration.num_samples, int)

@@ -72,6 +72,12 @@ def _import_path(spec: str) -> type:
     return cls
 
 
+def _perplexity_hook() -> type:
+    from pruning.hooks.perplexity import PerplexityHook
+
+    return PerplexityHook
+
+
 def _analysis_hook() -> type:
     from pruning.hooks.analysis import AnalysisHook
 
@@ -82,6 +88,7 @@ def default_registry() -> HookRegistry:
     """A registry with the built-in hooks."""
     registry = HookRegistry()
     registry.register("analysis", _analysis_hook)
+    registry.register("perplexity", _perplexity_hook)
     return registry
 
 
