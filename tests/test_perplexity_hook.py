@@ -78,6 +78,10 @@ def test_the_table_is_logged(tmp_path: Path, tiny_dir: Path, caplog: pytest.LogC
         ({"protocol": None}, "seq_len must be an integer >= 2"),
         ({"protocol": None, "seq_len": 64, "max_tokens": 32}, "max_tokens must be an integer >= seq_len"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        (
+            {"text": "data/wikitext-2-raw/wiki.tset.raw"},
+            "text file not found: data/wikitext-2-raw/wiki.tset.raw",
+        ),
     ],
 )
 def test_bad_params_are_one_line_before_loading(

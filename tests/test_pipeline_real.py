@@ -20,25 +20,19 @@ pytestmark = pytest.mark.real_model
 REPORTS = ("original_model_analysis.json", "pruned_model_analysis.json", "model_comparison.json")
 
 
+def run_default_config(out: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """``run_global_pruning.py`` on the shipped config with 16 calibration windows, in a subprocess."""
+    settings = [arg for setting in ("calibration.num_samples=16", *overrides) for arg in ("--set", setting)]
+    command = [sys.executable, str(REPO / "run_global_pruning.py"), "--config", "configs/smollm2_0.2.yaml"]
+    return subprocess.run(
+        [*command, *settings, "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+
+
 @pytest.fixture(scope="module")
 def real_run(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("smollm2") / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run_global_pruning.py"),
-            "--config",
-            "configs/smollm2_0.2.yaml",
-            "--set",
-            "calibration.num_samples=16",
-            "--output-dir",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_default_config(out)
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
     return SimpleNamespace(result=result, out=out, record=record, source=smollm2_dir)
 
@@ -119,24 +113,7 @@ def test_a_streamed_run_of_smollm2_saves_the_same_model(real_run: SimpleNamespac
     from safetensors.torch import load_file
 
     out = tmp_path / "streamed"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run_global_pruning.py"),
-            "--config",
-            "configs/smollm2_0.2.yaml",
-            "--set",
-            "calibration.num_samples=16",
-            "--set",
-            "model.streaming=always",
-            "--output-dir",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_default_config(out, "model.streaming=always")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "run.json").read_text())
     assert record["placement"]["streamed"] and set(record["placement"]["parts"].values()) == {"disk"}

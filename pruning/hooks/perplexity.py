@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from pruning import reports
@@ -48,6 +49,10 @@ class PerplexityHook(Hook):
         max_tokens: int | None = None,
         batch_size: int = 1,
     ) -> None:
+        from pruning.data import looks_like_path
+
+        if looks_like_path(text) and not Path(text).expanduser().is_file():
+            raise ValueError(f"text file not found: {text}")  # said before any weight is read
         if protocol is not None and protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or null, got {protocol!r}")
         chosen = dict(PROTOCOLS[protocol]) if protocol else {"seq_len": None, "max_tokens": None}
