@@ -74,14 +74,37 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class WeightedSource:
+    source: str
+    weight: float
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     source: str = "data/wikitext-2-raw/wiki.valid.raw"
+    sources: tuple[WeightedSource, ...] = ()  # a mix, instead of ``source`` (pruning.data.mixed_windows)
     num_samples: int = 64
     seq_len: int = 256
     batch_size: int = 4
     seed: int = 0
     engine: str = "layerwise"  # layerwise | whole_model (pruning.engine)
     gradient_checkpointing: bool = False  # taylor: recompute activations in the backward to save memory
+
+    def mix(self) -> tuple[WeightedSource, ...]:
+        """The texts calibration draws from, with their weights (``source`` alone has weight 1)."""
+        return self.sources or (WeightedSource(self.source, 1.0),)
+
+    def describe(self) -> str:
+        """``wiki.valid.raw`` or ``wiki.valid.raw 0.7 + builtin:python-code 0.3``: for logs."""
+        if not self.sources:
+            return self.source
+        return " + ".join(f"{s.source} {s.weight:g}" for s in self.sources)
+
+
+@dataclass(frozen=True)
+class CompensationConfig:
+    method: str = "none"  # none | refit (pruning.compensation)
+    ridge: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -136,6 +159,7 @@ class PipelineConfig:
     pruning: PruningConfig
     output: OutputConfig
     hooks: tuple[HookConfig, ...] = ()
+    compensation: CompensationConfig = CompensationConfig()
     source_file: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +170,12 @@ class PipelineConfig:
         if data["model"]["max_memory"] is None:
             del data["model"]["max_memory"]  # absent, as YAML spells "no cap"
         data["hooks"] = [asdict(h) for h in self.hooks]
+        calibration = data["calibration"]
+        if self.calibration.sources:  # one of the two keys, as YAML may spell it
+            del calibration["source"]
+            calibration["sources"] = [asdict(s) for s in self.calibration.sources]
+        else:
+            del calibration["sources"]
         return data
 
 
@@ -248,7 +278,10 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
             size_in_bytes(output["max_shard_size"])
         except ValueError as e:
             raise UserError(f"{path}: output.max_shard_size: {e}") from e
-    calibration = raw.get("calibration", {})
+    calibration = dict(raw.get("calibration", {}))
+    if "source" in calibration and "sources" in calibration:
+        raise UserError(f"{path}: calibration: give source (one text) or sources (a mix), not both")
+    calibration["sources"] = tuple(WeightedSource(**item) for item in calibration.get("sources", ()))
     if calibration.get("gradient_checkpointing") and pruning.get("importance", "activation") != "taylor":
         raise UserError(
             f"{path}: calibration.gradient_checkpointing applies to the taylor criterion only "
@@ -263,7 +296,8 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
     return PipelineConfig(
         name=name,
         model=ModelConfig(**raw["model"]),
-        calibration=CalibrationConfig(**raw.get("calibration", {})),
+        calibration=CalibrationConfig(**calibration),
+        compensation=CompensationConfig(**raw.get("compensation", {})),
         pruning=PruningConfig(**pruning),
         output=OutputConfig(**output),
         hooks=hooks,

@@ -9,6 +9,8 @@ installed; the tool does not depend on it.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,12 @@ def _load_dataset_text(name: str, what: str = "calibration") -> str:
 
 
 def source_text(source: str, what: str = "calibration") -> str:
-    """The text of a source: an existing file, else a ``datasets`` name (``path[:config[:split]]``)."""
+    """The text of a source: ``builtin:NAME`` (``pruning.texts``), an existing file, else a ``datasets``
+    name (``path[:config[:split]]``)."""
+    from pruning.texts import builtin_text, is_builtin
+
+    if is_builtin(source):
+        return builtin_text(source)
     if Path(source).expanduser().is_file():
         return read_text_file(source, f"{what} file")
     if looks_like_path(source):
@@ -102,3 +109,37 @@ def calibration_windows(
         "calibration: %d windows of %d tokens from %s (%d tokens)", num_samples, seq_len, source, ids.numel()
     )
     return windows
+
+
+def window_counts(weights: Sequence[float], num_samples: int) -> list[int]:
+    """``num_samples`` split in proportion to ``weights`` (largest remainder, ties to the earlier source)."""
+    total = sum(weights)
+    exact = [num_samples * w / total for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: num_samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixed_windows(
+    mix: Sequence[tuple[str, float]], tokenizer: Any, num_samples: int, seq_len: int, seed: int
+) -> torch.LongTensor:
+    """Calibration windows drawn from several texts, each giving a share of ``num_samples`` in proportion
+    to its weight (``calibration_windows`` per text, the same seed), source after source.
+
+    A text whose share rounds to no window is the user's error: its weight would silently not count.
+    """
+    counts = window_counts([weight for _, weight in mix], num_samples)
+    for (source, weight), count in zip(mix, counts, strict=True):
+        if count == 0:
+            raise UserError(
+                f"calibration.sources: {source} (weight {weight:g}) gets no window of the {num_samples} "
+                "(raise num_samples or its weight)"
+            )
+    return torch.cat(
+        [
+            calibration_windows(source, tokenizer, count, seq_len, seed)
+            for (source, _), count in zip(mix, counts, strict=True)
+        ]
+    )

@@ -35,10 +35,16 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"  memory:      {_memory_line(config, total)}",
         f"  stages:      {' -> '.join(STAGES)}; events before_prune, after_prune, after_save",
         f"  calibration: {cal.num_samples} windows x {cal.seq_len} tokens = {tokens:,} tokens "
-        f"from {cal.source} (seed {cal.seed}, batch {cal.batch_size})"
-        if CRITERIA[prn.importance].needs_data
+        f"from {cal.describe()} (seed {cal.seed}, batch {cal.batch_size})"
+        if CRITERIA[prn.importance].needs_data or config.compensation.method == "refit"
         else f"  calibration: none ({prn.importance} needs no data)",
         f"  importance:  {prn.importance}; ranked globally across all layers",
+        f"  compensation: {config.compensation.method}"
+        + (
+            f" (output projections refit layer by layer, ridge {config.compensation.ridge:g})"
+            if config.compensation.method == "refit"
+            else ""
+        ),
         f"  target:      remove {prn.ratio:.2%} of {prn.ratio_of} parameters = {remove:,} "
         f"(decoder layers hold {layers:,}); about {total - remove:,} parameters remain",
         f"  protected:   layers {list(prn.protected_layers) or 'none'}; min KV groups {prn.min_kv_groups}, "

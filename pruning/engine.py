@@ -36,9 +36,12 @@ ENGINES = ("layerwise", "whole_model")
 Handle = torch.utils.hooks.RemovableHandle
 
 
-# Called with (layer index, layer) just before the layer computes, in a layerwise pass: it may change
-# the layer (prune it, refit it), and the next layer then receives what the changed layer outputs.
-LayerChange = Callable[[int, nn.Module], None]
+# Runs the layer, as it is now, on every batch of its cached inputs with the observers watching, and
+# leaves the cached inputs as they were: how a change measures the layer before and after it acts.
+LayerReplay = Callable[[Sequence["LayerObserver"]], None]
+# Called with (layer index, layer, replay) just before the layer computes, in a layerwise pass: it may
+# change the layer (prune it, refit it), and the next layer then receives what the changed layer outputs.
+LayerChange = Callable[[int, nn.Module, LayerReplay], None]
 
 
 class LayerObserver(Protocol):
@@ -208,7 +211,11 @@ def run_layerwise(
         device = store.load(idx, layers[idx])
         try:
             if change is not None:
-                change(idx, layers[idx])
+
+                def replay(observers: Sequence[LayerObserver], idx: int = idx, device=device) -> None:
+                    _watch_layer(idx, layers[idx], device, inputs, observers, keep_inputs=True)
+
+                change(idx, layers[idx], replay)
             _run_layer(idx, layers[idx], device, inputs, observers, park)  # ``change`` may replace it
         finally:
             store.unload(idx, layers[idx])
@@ -255,6 +262,21 @@ def _run_layer(
     park: torch.device | None,
 ) -> None:
     """One layer on every batch of its cached inputs, watched; its outputs replace them."""
+    _watch_layer(idx, layer, device, inputs, observers, keep_inputs=False, park=park)
+    inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
+
+
+def _watch_layer(
+    idx: int,
+    layer: nn.Module,
+    device: torch.device,
+    inputs: LayerInputs,
+    observers: Sequence[LayerObserver],
+    keep_inputs: bool,
+    park: torch.device | None = None,
+) -> None:
+    """One layer on every batch of its cached inputs, watched; its outputs replace the inputs unless
+    ``keep_inputs``. The observers hear ``layer_done`` at the end."""
     handles: list[Handle] = []
     try:
         for observer in observers:
@@ -262,12 +284,12 @@ def _run_layer(
         for b, hidden in enumerate(inputs.hidden):
             args, kwargs = to_device((inputs.args[idx][b], inputs.kwargs[idx][b]), device)
             out = layer(hidden.to(device), *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            inputs.hidden[b] = out if park is None else out.to(park)
+            if not keep_inputs:
+                out = out[0] if isinstance(out, tuple) else out
+                inputs.hidden[b] = out if park is None else out.to(park)
     finally:
         for handle in handles:
             handle.remove()
-    inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
     for observer in observers:
         observer.layer_done(idx, layer)
 

@@ -363,6 +363,15 @@ CRITERIA: dict[str, type] = {
 }
 
 
+def _register_refit_error() -> None:
+    from pruning.refit_error import RefitErrorCriterion  # it builds on this module's collectors
+
+    CRITERIA[RefitErrorCriterion.name] = RefitErrorCriterion
+
+
+_register_refit_error()
+
+
 def get_criterion(name: str, **options: Any) -> ImportanceCriterion:
     """A criterion instance by registered name; ``options`` (e.g. batch_size) go to its constructor."""
     if name not in CRITERIA:

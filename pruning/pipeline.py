@@ -87,14 +87,19 @@ def check_calibration_source(config: PipelineConfig) -> None:
     """A calibration file that does not exist fails before any weights load."""
     from pruning.data import looks_like_path
     from pruning.importance import CRITERIA
+    from pruning.texts import NAMES, PREFIX, is_builtin
 
-    source = config.calibration.source
-    if (
-        CRITERIA[config.pruning.importance].needs_data
-        and looks_like_path(source)
-        and not Path(source).is_file()
-    ):
-        raise UserError(f"calibration.source: file not found: {source}")
+    cal = config.calibration
+    if not (CRITERIA[config.pruning.importance].needs_data or config.compensation.method == "refit"):
+        return
+    key = "calibration.sources" if cal.sources else "calibration.source"
+    for item in cal.mix():
+        source = item.source
+        if is_builtin(source) and source.removeprefix(PREFIX) not in NAMES:
+            known = ", ".join(PREFIX + name for name in NAMES)
+            raise UserError(f"{key}: unknown built-in text {source!r}: known are {known}")
+        if not is_builtin(source) and looks_like_path(source) and not Path(source).is_file():
+            raise UserError(f"{key}: file not found: {source}")
 
 
 @contextmanager
@@ -135,7 +140,8 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     import torch
 
     from pruning.checkpoint import partial_dir, save_pruned_model
-    from pruning.data import calibration_windows
+    from pruning.compensation import prune_with_refit
+    from pruning.data import mixed_windows
     from pruning.importance import CRITERIA, get_criterion
     from pruning.planner import plan_global
     from pruning.streaming import prune_and_write
@@ -160,13 +166,13 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     hooks.emit(Event.BEFORE_PRUNE, context)
 
     criterion = get_criterion(prn.importance, **_criterion_options(config, store))
-    needs_data = CRITERIA[prn.importance].needs_data
+    refit = config.compensation.method == "refit"
+    needs_data = CRITERIA[prn.importance].needs_data or refit
     windows = None
     with stage(context, "tokenize", f"Calibration windows: {cal.num_samples} x {cal.seq_len} tokens"):
         if needs_data:
-            windows = calibration_windows(
-                cal.source, context.tokenizer, cal.num_samples, cal.seq_len, cal.seed
-            )
+            mix = [(s.source, s.weight) for s in cal.mix()]
+            windows = mixed_windows(mix, context.tokenizer, cal.num_samples, cal.seq_len, cal.seed)
     how = f", {cal.engine.replace('_', ' ')}" if hasattr(criterion, "engine") else ""
     with stage(context, "score", f"Run the windows through the model and score ({prn.importance}{how})"):
         scores = criterion.score(context.model, windows)
@@ -184,11 +190,28 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     checkpoint = context.output_dir / CHECKPOINT_SUBDIR
     weights_dir = None
     heading = "Remove the planned structures" + (", layer by layer, writing each layer" if streamed else "")
+    if refit:
+        heading += f", refitting each block's output projections (ridge {config.compensation.ridge:g})"
+
+    def pruning_pass(layers: object) -> None:
+        prune_with_refit(
+            context.model, context.plan, windows, cal.batch_size, config.compensation.ridge, store=layers
+        )
+
     with stage(context, "prune", heading):
         if streamed:
             weights_dir = partial_dir(checkpoint)
-            prune_and_write(context.model, context.plan, store, weights_dir, config.output.max_shard_bytes)
+            prune_and_write(
+                context.model,
+                context.plan,
+                store,
+                weights_dir,
+                config.output.max_shard_bytes,
+                pruning_pass if refit else None,
+            )
             context.layer_store = store.reading(weights_dir)  # hooks evaluate the pruned layers from there
+        elif refit:
+            pruning_pass(store)
         else:
             apply_plan(context.model, context.plan)
         context.params_after, context.layer_params_after = _count(context.model)
@@ -232,6 +255,7 @@ def _criterion_options(config: PipelineConfig, store: object) -> dict[str, objec
         "engine": cal.engine,
         "store": store,
         "gradient_checkpointing": cal.gradient_checkpointing,
+        "ridge": config.compensation.ridge,
     }
     return {key: value for key, value in wanted.items() if key in getattr(cls, "__dataclass_fields__", {})}
 

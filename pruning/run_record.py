@@ -38,7 +38,7 @@ def peak_rss_mb() -> float:
 
 def _versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in ("pruning", "torch", "transformers", "torch-pruning", "safetensors", "accelerate"):
+    for package in ("pruning", "torch", "transformers", "safetensors", "accelerate"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -18,7 +18,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from pruning.engine import ResidentLayers, each_layer
+from pruning.engine import LayerStore, ResidentLayers, each_layer
 from pruning.errors import UserError
 from pruning.families import adapter_for
 from pruning.placement import DISK, Placement
@@ -212,14 +212,37 @@ def declared_tensors(
     return [(n, t.dtype, tuple(t.shape)) for n, t in pruned.state_dict().items() if n not in tied]
 
 
+class _WritingLayers:
+    """A store that writes each layer (as the pass left it) before it lets go of it."""
+
+    def __init__(self, store: StreamedLayers, write: Callable[[nn.Module], None]) -> None:
+        self.store, self.write = store, write
+
+    def outside_layers(self, head: bool = False) -> contextlib.AbstractContextManager[None]:
+        return self.store.outside_layers(head)
+
+    def load(self, layer_idx: int, layer: nn.Module) -> torch.device:
+        return self.store.load(layer_idx, layer)
+
+    def unload(self, layer_idx: int, layer: nn.Module) -> None:
+        self.write(layer)
+        self.store.unload(layer_idx, layer)
+
+
 def prune_and_write(
     model: nn.Module,
     plan: PruningPlan,
     store: StreamedLayers,
     directory: Path,
     max_shard_bytes: int,
+    pruning_pass: Callable[[LayerStore], None] | None = None,
 ) -> None:
-    """Prune layer by layer, each written to ``directory``'s shards before the next is read."""
+    """Prune layer by layer, each written to ``directory``'s shards before the next is read.
+
+    ``pruning_pass`` replaces the plain loop with a layer-by-layer pass over the given store that prunes
+    each layer as it reaches it (compensation: ``pruning.compensation.prune_with_refit``); each layer is
+    written when the pass is done with it.
+    """
     declared = declared_tensors(model.config, store.dtype, plan)
     writer = ShardWriter(directory, declared, max_shard_bytes)
     try:
@@ -231,11 +254,17 @@ def prune_and_write(
             if not name.startswith(prefixes):
                 writer.write(name, _outside_tensor(state, name, store))
         del state
-        for idx, layer, _ in each_layer(model, store, desc="prune and write"):
-            apply_layer_plan(model, plan.layers[idx])
-            prefix = names[id(layer)]
+
+        def write_layer(layer: nn.Module) -> None:
             for key, tensor in layer.state_dict().items():
-                writer.write(f"{prefix}.{key}", tensor)
+                writer.write(f"{names[id(layer)]}.{key}", tensor)
+
+        if pruning_pass is None:
+            for idx, layer, _ in each_layer(model, store, desc="prune and write"):
+                apply_layer_plan(model, plan.layers[idx])
+                write_layer(layer)
+        else:
+            pruning_pass(_WritingLayers(store, write_layer))
         writer.close()
     except BaseException:
         writer.abort()

@@ -11,11 +11,13 @@ import yaml
 
 from pruning.config import (
     CalibrationConfig,
+    CompensationConfig,
     HookConfig,
     ModelConfig,
     OutputConfig,
     PipelineConfig,
     PruningConfig,
+    WeightedSource,
     load_config,
     validate_config,
 )
@@ -53,8 +55,17 @@ def test_smollm2_config_values():
         name="smollm2_0.2",
         model=ModelConfig(path="smollm2-135m", dtype="float32", device_map="cpu"),
         calibration=CalibrationConfig(
-            source="data/wikitext-2-raw/wiki.valid.raw", num_samples=64, seq_len=256, batch_size=4, seed=0
+            sources=(
+                WeightedSource("data/wikitext-2-raw/wiki.valid.raw", 0.8),
+                WeightedSource("builtin:python-code", 0.1),
+                WeightedSource("builtin:python-docs", 0.1),
+            ),
+            num_samples=128,
+            seq_len=512,
+            batch_size=4,
+            seed=0,
         ),
+        compensation=CompensationConfig(method="refit", ridge=0.001),
         pruning=PruningConfig(
             ratio=0.2, ratio_of="total", importance="activation", protected_layers=(), min_kv_groups=0
         ),
@@ -129,7 +140,7 @@ def test_overrides_are_typed_as_yaml():
     assert config.output.overwrite is True
     assert config.pruning.protected_layers == (0, 1)
     assert config.model.path == "other/model"
-    assert config.calibration.seq_len == 256  # untouched keys keep the file's values
+    assert config.calibration.seq_len == 512  # untouched keys keep the file's values
 
 
 def test_override_creates_a_missing_section(tmp_path: Path):
@@ -311,3 +322,46 @@ def test_gradient_checkpointing_without_taylor_is_refused(tmp_path: Path):
         load_config(write(tmp_path, raw))
     raw["pruning"]["importance"] = "taylor"
     assert load_config(write(tmp_path, raw)).calibration.gradient_checkpointing
+
+
+def test_calibration_sources_give_a_weighted_mix_and_round_trip(tmp_path: Path):
+    raw = minimal()
+    raw["calibration"] = {
+        "sources": [{"source": "a.raw", "weight": 0.75}, {"source": "builtin:python-code", "weight": 0.25}]
+    }
+    raw["compensation"] = {"method": "refit", "ridge": 0.01}
+    config = load_config(write(tmp_path, raw))
+    assert [(s.source, s.weight) for s in config.calibration.mix()] == [
+        ("a.raw", 0.75),
+        ("builtin:python-code", 0.25),
+    ]
+    assert config.calibration.describe() == "a.raw 0.75 + builtin:python-code 0.25"
+    assert (config.compensation.method, config.compensation.ridge) == ("refit", 0.01)
+    data = config.to_dict()
+    assert "source" not in data["calibration"] and data["calibration"]["sources"][1]["weight"] == 0.25
+    again = load_config(write(tmp_path, data, "again.yaml"))
+    assert dataclasses.replace(again, source_file=config.source_file) == config
+
+
+def test_one_source_is_a_mix_of_one_and_compensation_is_off_by_default(tmp_path: Path):
+    config = load_config(write(tmp_path, minimal()))
+    assert [(s.source, s.weight) for s in config.calibration.mix()] == [(config.calibration.source, 1.0)]
+    assert config.compensation.method == "none"
+    assert "sources" not in config.to_dict()["calibration"]
+
+
+@pytest.mark.parametrize(
+    ("calibration", "compensation", "message"),
+    [
+        ({"source": "a.raw", "sources": [{"source": "b.raw", "weight": 1}]}, {}, "give source (one text) or"),
+        ({"sources": []}, {}, "calibration.sources: [] should be non-empty"),
+        ({"sources": [{"source": "b.raw", "weight": 0}]}, {}, "sources[0].weight: 0 is less than"),
+        ({"sources": [{"source": "b.raw"}]}, {}, "calibration.sources[0]: 'weight' is a required property"),
+        ({}, {"method": "obs"}, "compensation.method: 'obs' is not one of"),
+        ({}, {"ridge": 0}, "compensation.ridge: 0 is less than or equal"),
+    ],
+)
+def test_bad_sources_and_compensation_are_one_line(tmp_path: Path, calibration, compensation, message):
+    raw = minimal()
+    raw["calibration"], raw["compensation"] = calibration, compensation
+    assert message in user_error(write(tmp_path, raw))

@@ -139,7 +139,7 @@ def test_a_pass_that_prunes_each_layer_as_it_goes_equals_the_pruned_model(arch: 
         _windows(),
         2,
         [as_it_goes],
-        change=lambda idx, layer: apply_layer_plan(model, plan.layers[idx]),
+        change=lambda idx, layer, replay: apply_layer_plan(model, plan.layers[idx]),
     )
     run_whole_model(reference, _windows(), 2, [whole])
     for idx in range(5):

@@ -205,7 +205,7 @@ def test_removed_blocks_and_pruned_layers_score_with_their_current_shapes() -> N
 
 
 def test_registry_and_get_criterion() -> None:
-    assert set(CRITERIA) == {"activation", "taylor", "magnitude"}
+    assert set(CRITERIA) == {"activation", "taylor", "magnitude", "refit_error"}
     for name, cls in CRITERIA.items():
         assert cls.name == name and isinstance(get_criterion(name), cls)
     assert get_criterion("activation", batch_size=4).batch_size == 4

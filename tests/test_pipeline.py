@@ -523,3 +523,29 @@ def test_a_bad_device_map_is_one_line_before_any_weight_is_read(
     err = capsys.readouterr().err
     assert result.code == 2 and message in err and err.startswith("error: model.")
     assert len(err.strip().splitlines()) == 1 and not result.out.exists()
+
+
+@pytest.fixture(scope="module")
+def refit_run(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> SimpleNamespace:
+    """The baseline's config with compensation."""
+    return prune(tmp_path_factory.mktemp("refit"), tiny_dir, compensation={"method": "refit"})
+
+
+def test_a_refit_run_keeps_the_plan_and_changes_only_output_projections(
+    refit_run: SimpleNamespace, baseline: SimpleNamespace
+):
+    assert refit_run.code == 0 and refit_run.plan == baseline.plan
+    assert refit_run.record["config"]["compensation"] == {"method": "refit", "ridge": 0.001}
+    refit, plain = _saved_tensors(refit_run.out), _saved_tensors(baseline.out)
+    assert sorted(refit) == sorted(plain)
+    changed = {k for k in refit if not torch.equal(refit[k], plain[k])}
+    assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed), changed
+
+
+@pytest.mark.parametrize("criterion", ["activation", "refit_error"])
+def test_a_streamed_refit_run_equals_the_in_memory_one(tmp_path: Path, tiny_dir: Path, criterion: str):
+    sections = {"compensation": {"method": "refit"}, "pruning": {"ratio": 0.2, "importance": criterion}}
+    in_memory = prune(tmp_path, tiny_dir, "memory", **sections)
+    streamed = prune(tmp_path, tiny_dir, "streamed", model={"streaming": "always"}, **sections)
+    assert in_memory.plan["criterion"] == criterion
+    _same_run(in_memory, streamed)

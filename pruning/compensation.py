@@ -1,0 +1,139 @@
+"""Compensation: after a block loses structures, refit its output projection so that it still writes
+what the dense block wrote.
+
+Removing KV groups or MLP channels leaves the kept ones computing exactly what they did; only the
+output projection's sum loses terms. So the output projection's kept columns are refit by ridge least
+squares, ``W' = argmin ||W' X_K - W X||^2 + lambda ||W'||^2 = W G[:, K] (G[K, K] + lambda I)^-1``, with
+``G = X X^T`` the Gram matrix of the projection's input over every calibration token and ``lambda`` a
+share (``ridge``) of G[K, K]'s mean diagonal. ``X`` is what the block receives on the *pruned* path
+(every earlier layer already pruned and refit), and the target is what the dense block makes of that
+same input: each layer repairs its own loss without chasing the drift of earlier layers, which
+measured worse on text other than the calibration text (docs/compensation.md).
+
+It runs in the layer-by-layer pass (``pruning.engine.run_layerwise``'s ``change``): attention first,
+then the MLP on the refit attention's outputs, then the layer runs to feed the next one. Only one
+layer's Gram matrices are alive at a time (``intermediate_size``^2 floats for the MLP).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruning.engine import Handle, LayerReplay, LayerStore, run_layerwise
+from pruning.families import ATTENTION, KINDS, adapter_for
+from pruning.plan import LayerPlan, PruningPlan
+from pruning.surgery import apply_layer_plan
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("none", "refit")
+
+
+class GramCollector:
+    """Observer: the Gram matrix ``X X^T`` (fp32) of the inputs of some modules of one layer."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+        self.gram: dict[str, torch.Tensor] = {}
+
+    def watch(self, layer_idx: int, layer: nn.Module) -> list[Handle]:
+        return [layer.get_submodule(path).register_forward_pre_hook(self._hook(path)) for path in self.paths]
+
+    def layer_done(self, layer_idx: int, layer: nn.Module) -> None:
+        pass
+
+    def _hook(self, path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            gram = x.T @ x
+            if path in self.gram:
+                self.gram[path] += gram
+            else:
+                self.gram[path] = gram
+
+        return hook
+
+
+def ridge_refit(weight: torch.Tensor, gram: torch.Tensor, keep: Sequence[int], ridge: float) -> torch.Tensor:
+    """The kept columns ``keep`` of ``weight`` refit so that ``W' x[keep]`` best matches ``W x`` over the
+    inputs whose Gram matrix is ``gram`` (float64 solve; returned in the weight's dtype and device)."""
+    g = gram.double()
+    kept = torch.as_tensor(keep, dtype=torch.long, device=g.device)
+    a = g.index_select(0, kept).index_select(1, kept)
+    damp = ridge * float(a.diagonal().mean()) if a.numel() else 0.0
+    a.diagonal().add_(max(damp, 1e-12))
+    rhs = g.index_select(1, kept).T @ weight.detach().to(g.device, torch.float64).T  # [K, out]
+    solution = torch.linalg.solve(a, rhs).T  # a is symmetric: (W G[:, K]) a^-1
+    return solution.to(weight.device, weight.dtype)
+
+
+@dataclass
+class Refit:
+    """The pruning pass's ``change``: prune each layer block by block, refitting each block's output
+    projections on the pruned path's inputs."""
+
+    model: nn.Module
+    plan: PruningPlan
+    ridge: float = 1e-3
+
+    def __call__(self, layer_idx: int, layer: nn.Module, replay: LayerReplay) -> None:
+        adapter = adapter_for(self.model.config)
+        head_dim = adapter.head_dim(self.model.config)
+        planned = self.plan.layers[layer_idx]
+        for kind in KINDS:
+            geo = adapter.geometry(layer, head_dim)
+            removed = planned.remove_kv_groups if kind == ATTENTION else planned.remove_channels
+            if not removed:
+                continue
+            step = LayerPlan(
+                layer_idx,
+                geo.num_kv_heads,
+                geo.intermediate_size,
+                remove_kv_groups=removed if kind == ATTENTION else (),
+                remove_channels=() if kind == ATTENTION else removed,
+            )
+            emptied = step.attention_removed if kind == ATTENTION else step.mlp_removed
+            if emptied:  # nothing left to refit
+                apply_layer_plan(self.model, step)
+                continue
+            outputs = [owned for owned in adapter.owned_slices(kind, geo) if owned.axis == 1]
+            collector = GramCollector([owned.path for owned in outputs])
+            replay([collector])
+            keep = step.keep_kv_groups if kind == ATTENTION else step.keep_channels
+            refits = {
+                owned.path: ridge_refit(
+                    layer.get_submodule(owned.path).weight,
+                    collector.gram[owned.path],
+                    owned.indices(keep),
+                    self.ridge,
+                )
+                for owned in outputs
+            }
+            del collector
+            apply_layer_plan(self.model, step)
+            with torch.no_grad():
+                for path, weight in refits.items():
+                    layer.get_submodule(path).weight.copy_(weight)
+
+
+def prune_with_refit(
+    model: nn.Module,
+    plan: PruningPlan,
+    windows: torch.LongTensor,
+    batch_size: int,
+    ridge: float = 1e-3,
+    store: LayerStore | None = None,
+) -> None:
+    """Apply the plan layer by layer, refitting as it goes (see the module docstring)."""
+    was_training = model.training
+    model.eval()
+    try:
+        run_layerwise(model, windows, batch_size, [], change=Refit(model, plan, ridge), store=store)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,127 @@
+"""The ``refit_error`` criterion: what a structure's removal costs once the refit has done its work.
+
+The activation criterion charges a structure the energy it writes, ``||W[:, S]||^2 E[x_S^2]`` per
+column, as if nothing could replace it. Compensation (``pruning.compensation``) refits the output
+projection's kept columns, and a structure whose inputs the others can reproduce costs almost nothing
+after that. For one structure S with the rest kept, the error left after the best refit is the
+optimal-brain-surgeon form ``tr(W_S [H^-1]_SS^-1 W_S^T)`` with ``H = E[x x^T]`` the (damped) second
+moment of the projection's inputs; with uncorrelated inputs it reduces exactly to the activation
+score. Scores are divided by the residual stream's typical energy at the layer, as the activation
+criterion's are, so one global ranking compares all layers and both block types (its docstring gives
+why the median is used), and Gemma's post-norms weight output rows the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from pruning.compensation import GramCollector
+from pruning.engine import Handle, LayerStore, calibrate
+from pruning.families import KINDS, adapter_for
+
+if TYPE_CHECKING:
+    from pruning.importance import StructureScores
+
+
+def removal_errors(
+    weight: torch.Tensor, second_moment: torch.Tensor, blocks: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """Per block of columns (``blocks``: [structures, width] column indices), the output error
+    ``tr(W_S [H^-1]_SS^-1 W_S^T)`` left by removing it and refitting the other columns optimally."""
+    h = second_moment.double()
+    h = h + ridge * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    idx = blocks.to(h.device)
+    h_ss = h_inv[idx[:, :, None], idx[:, None, :]]  # [structures, width, width]
+    w_s = weight.detach().to(h.device, torch.float64)[:, idx].permute(1, 0, 2)  # [structures, out, width]
+    # tr(W_S A^-1 W_S^T) = sum(W_S * (A^-1 W_S^T)^T)
+    solved = torch.linalg.solve(h_ss, w_s.transpose(1, 2))  # [structures, width, out]
+    return (w_s * solved.transpose(1, 2)).sum(dim=(1, 2)).float().cpu()
+
+
+class RefitErrorObserver:
+    """Gathers each layer's output-projection Gram matrices and residual energy; scores the layer as
+    soon as every window has been through it, then drops them."""
+
+    def __init__(self, model: nn.Module, ridge: float) -> None:
+        from pruning.importance import InputNormCollector  # importance registers this criterion
+
+        self.adapter = adapter_for(model.config)
+        self.head_dim = self.adapter.head_dim(model.config)
+        self.num_layers = len(self.adapter.decoder_layers(model))
+        self.ridge = ridge
+        self.norms = InputNormCollector()
+        self.grams: dict[int, GramCollector] = {}
+        self.attention: dict[int, torch.Tensor] = {}
+        self.mlp: dict[int, torch.Tensor] = {}
+
+    def _outputs(self, layer: nn.Module):
+        geo = self.adapter.geometry(layer, self.head_dim)
+        for kind in KINDS:
+            if geo.count(kind):
+                for owned in self.adapter.owned_slices(kind, geo):
+                    if owned.axis == 1:
+                        yield kind, geo.count(kind), owned
+
+    def watch(self, layer_idx: int, layer: nn.Module) -> list[Handle]:
+        outputs = list(self._outputs(layer))
+        self.grams[layer_idx] = GramCollector([owned.path for _, _, owned in outputs])
+        norm_paths = [
+            norm for norm in {self.adapter.output_norm(kind) for kind, _, _ in outputs} if norm is not None
+        ]
+        return self.grams[layer_idx].watch(layer_idx, layer) + self.norms.attach(layer_idx, layer, norm_paths)
+
+    def layer_done(self, layer_idx: int, layer: nn.Module) -> None:
+        from pruning.importance import RESIDUAL
+
+        grams = self.grams.pop(layer_idx)
+        residual_per_dim = self.norms.mean_square(layer_idx, RESIDUAL)
+        residual = float(residual_per_dim.median()) * residual_per_dim.numel()
+        tokens = self.norms.rows[(layer_idx, RESIDUAL)]
+        totals = {
+            kind: torch.zeros(self.adapter.geometry(layer, self.head_dim).count(kind)) for kind in KINDS
+        }
+        for kind, count, owned in self._outputs(layer):
+            weight = layer.get_submodule(owned.path).weight.detach().float()
+            norm_path = self.adapter.output_norm(kind)
+            if norm_path is not None:  # what reaches the stream through a post-norm (see ActivationCriterion)
+                gain = self.adapter.norm_gain(layer.get_submodule(norm_path)).float().to(weight.device)
+                block_out = float(self.norms.mean_square(layer_idx, norm_path).mean())
+                weight = weight * (gain / block_out**0.5)[:, None]
+            blocks = torch.tensor([owned.indices([s]) for s in range(count)], dtype=torch.long)
+            gram = grams.gram[owned.path] / tokens
+            totals[kind] += removal_errors(weight, gram, blocks, self.ridge) / residual
+        self.attention[layer_idx], self.mlp[layer_idx] = (totals[kind] for kind in KINDS)
+        self.norms.forget(layer_idx)
+
+    def scores(self) -> StructureScores:
+        from pruning.importance import StructureScores
+
+        missing = [i for i in range(self.num_layers) if i not in self.attention]
+        if missing:
+            raise RuntimeError(f"layers {missing} were never calibrated")
+        order = range(self.num_layers)
+        return StructureScores(
+            [self.attention[i] for i in order], [self.mlp[i] for i in order], common_scale=True
+        )
+
+
+@dataclass
+class RefitErrorCriterion:
+    """Score each KV group and MLP channel by the error its removal leaves after an optimal refit."""
+
+    name: ClassVar[str] = "refit_error"
+    needs_data: ClassVar[bool] = True
+    batch_size: int = 1
+    engine: str = "layerwise"
+    store: LayerStore | None = None
+    ridge: float = 1e-3
+
+    def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
+        observer = RefitErrorObserver(model, self.ridge)
+        calibrate(model, windows, self.batch_size, [observer], self.engine, self.store)
+        return observer.scores()

@@ -1,0 +1,188 @@
+"""Compensation (``pruning.compensation``): the refit's algebra, its place in the layer-by-layer pass,
+and the oracle: a refit pruned model equals the dense model with the removed structures zeroed and
+the output projections' kept columns set to the refit values."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pruning.compensation import GramCollector, prune_with_refit, ridge_refit
+from pruning.engine import capture_layer_inputs
+from pruning.families import ATTENTION, KINDS, adapter_for
+from pruning.plan import LayerPlan, PruningPlan
+from pruning.surgery import apply_plan, zero_plan_structures
+from tests.tiny_models import ARCHS, VOCAB, input_ids, make_plan, tiny_model
+
+
+def _windows(n: int = 6, length: int = 12) -> torch.LongTensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+def test_refit_absorbs_removed_columns_whose_inputs_the_kept_ones_explain() -> None:
+    """If a removed input is a linear mix of kept ones, the refit folds its column into theirs exactly."""
+    gen = torch.Generator().manual_seed(0)
+    kept_inputs = torch.randn(500, 4, generator=gen, dtype=torch.float64)
+    mix = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    x = torch.cat([kept_inputs, kept_inputs @ mix], dim=1)  # columns 4 and 5 are removed
+    weight = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    refit = ridge_refit(weight, x.T @ x, [0, 1, 2, 3], ridge=1e-12)
+    torch.testing.assert_close(refit, weight[:, :4] + weight[:, 4:] @ mix.T, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(x[:, :4] @ refit.T, x @ weight.T, rtol=1e-6, atol=1e-8)
+
+
+def test_refit_equals_an_independent_ridge_solution() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    keep, ridge = [0, 2, 3, 6], 0.1
+    xk = x[:, keep]
+    damp = ridge * (xk * xk).sum(dim=0).mean()
+    # normal equations of min ||xk W'^T - x W^T||^2 + damp ||W'||^2, solved by lstsq on a stacked system
+    stacked_x = torch.cat([xk, damp.sqrt() * torch.eye(len(keep), dtype=torch.float64)])
+    stacked_y = torch.cat([x @ weight.T, torch.zeros(len(keep), 5, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
+    torch.testing.assert_close(ridge_refit(weight, x.T @ x, keep, ridge), expected)
+
+
+def test_refit_keeps_the_weight_dtype_and_device() -> None:
+    weight = torch.randn(3, 5).to(torch.bfloat16)
+    x = torch.randn(50, 5)
+    refit = ridge_refit(weight, x.T @ x, [1, 2], 1e-3)
+    assert refit.dtype == torch.bfloat16 and refit.shape == (3, 2)
+
+
+def _refit_and_oracle(arch: str):
+    """(refit pruned model, dense copy zeroed by the plan with the refit columns written in, dense copy)."""
+    model = tiny_model(arch)
+    plan = make_plan(model)
+    dense = copy.deepcopy(model)
+    prune_with_refit(model, plan, _windows(), batch_size=4)
+    oracle = copy.deepcopy(dense)
+    zero_plan_structures(oracle, plan)
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
+    for lp, dense_layer, layer, oracle_layer in zip(
+        plan.layers,
+        adapter.decoder_layers(dense),
+        adapter.decoder_layers(model),
+        adapter.decoder_layers(oracle),
+        strict=True,
+    ):
+        geo = adapter.geometry(dense_layer, head_dim)
+        for kind in KINDS:
+            emptied = lp.attention_removed if kind == ATTENTION else lp.mlp_removed
+            if emptied:
+                continue
+            keep = lp.keep_kv_groups if kind == ATTENTION else lp.keep_channels
+            for owned in adapter.owned_slices(kind, geo):
+                if owned.axis == 1:
+                    cols = owned.indices(keep)
+                    with torch.no_grad():
+                        oracle_layer.get_submodule(owned.path).weight[:, cols] = layer.get_submodule(
+                            owned.path
+                        ).weight
+    return model, oracle, dense, plan
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_refit_pruned_model_equals_the_zeroed_dense_model_with_the_refit_columns(
+    arch: str, batch: int
+) -> None:
+    model, oracle, dense, plan = _refit_and_oracle(arch)
+    ids = input_ids(batch=batch)
+    with torch.no_grad():
+        logits, expected, dense_logits = (m(ids).logits for m in (model, oracle, dense))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    plain = copy.deepcopy(dense)
+    apply_plan(plain, plan)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert (logits - dense_logits).abs().max() > 1e-3  # the plan really changed the function
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "qwen2", "phi3", "gemma3"])
+def test_refit_brings_a_pruned_layer_closer_to_the_dense_one(arch: str) -> None:
+    """With only layer 1 pruned (some KV groups, some channels), its outputs on the calibration windows
+    are nearer the dense layer's after the refit than after plain removal: plain removal is one of the
+    solutions the least squares chose from."""
+    windows = _windows(n=24, length=16)
+    model = tiny_model(arch)
+    full = make_plan(model)
+    plan = PruningPlan(
+        tuple(
+            lp if lp.layer_idx == 1 else LayerPlan(lp.layer_idx, lp.num_kv_groups, lp.num_channels)
+            for lp in full.layers
+        )
+    )
+    dense, plain = copy.deepcopy(model), copy.deepcopy(model)
+    apply_plan(plain, plan)
+    prune_with_refit(model, plan, windows, batch_size=8)
+
+    def layer_1_output(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(windows, output_hidden_states=True).hidden_states[2]
+
+    target = layer_1_output(dense)
+    refit_error = (layer_1_output(model) - target).norm()
+    assert refit_error < 0.9 * (layer_1_output(plain) - target).norm()
+
+
+def test_gram_collector_sums_outer_products_of_every_token() -> None:
+    model = tiny_model("llama_gqa")
+    layer = adapter_for(model.config).decoder_layers(model)[0]
+    collector = GramCollector(["self_attn.o_proj"])
+    seen: list[torch.Tensor] = []
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
+    handles = collector.watch(0, layer)
+    inputs = capture_layer_inputs(model, _windows(), 3)
+    with torch.no_grad():
+        for b, h in enumerate(inputs.hidden):
+            layer(h, *inputs.args[0][b], **inputs.kwargs[0][b])
+    for h in [*handles, handle]:
+        h.remove()
+    x = torch.cat(seen)
+    torch.testing.assert_close(collector.gram["self_attn.o_proj"], x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_plan_leaves_the_model_as_it_was() -> None:
+    model = tiny_model("llama_gqa")
+    before = copy.deepcopy(model.state_dict())
+    empty = PruningPlan(
+        tuple(LayerPlan(lp.layer_idx, lp.num_kv_groups, lp.num_channels) for lp in make_plan(model).layers)
+    )
+    prune_with_refit(model, empty, _windows(), batch_size=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_removal_error_is_what_the_best_refit_leaves() -> None:
+    """``removal_errors`` against brute force: remove each block, refit the rest by least squares
+    (no damping), measure the output error per token."""
+    from pruning.refit_error import removal_errors
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 6, generator=gen, dtype=torch.float64) @ torch.randn(
+        6, 6, generator=gen, dtype=torch.float64
+    )
+    weight = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    blocks = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    errors = removal_errors(weight, x.T @ x / len(x), blocks, ridge=1e-12)
+    for s, block in enumerate(blocks.tolist()):
+        keep = [c for c in range(6) if c not in block]
+        refit = torch.linalg.lstsq(x[:, keep], x @ weight.T).solution.T
+        expected = (x[:, keep] @ refit.T - x @ weight.T).pow(2).sum() / len(x)
+        torch.testing.assert_close(errors[s], expected.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_removal_error_with_uncorrelated_inputs_is_the_activation_energy() -> None:
+    from pruning.refit_error import removal_errors
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(4, 5, generator=gen)
+    mean_square = torch.rand(5, generator=gen) + 0.5
+    errors = removal_errors(weight, torch.diag(mean_square), torch.arange(5)[:, None], ridge=1e-12)
+    torch.testing.assert_close(errors, weight.pow(2).sum(dim=0) * mean_square, rtol=1e-5, atol=1e-6)
