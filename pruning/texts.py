@@ -63,6 +63,7 @@ def _docs(heldout: bool) -> str:
         for node in module.body
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "topics"
     )
+
     def part(held: bool) -> str:
         chosen = sorted((t for t in topics if (_rank(t) < _DOCS_HELDOUT_SHARE) == held), key=_rank)
         return "\n\n".join(topics[t] for t in chosen)
