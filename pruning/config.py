@@ -185,6 +185,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     raw = _read_yaml(path)
     for override in overrides or []:
         _apply_override(raw, override)
+        _replace_the_other_text_key(raw, override)
     _check_renamed(raw, source=str(path))
     validate_config(raw, source=str(path))
     return _typed(raw, path)
@@ -236,6 +237,16 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise UserError(f"--set {override!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = parsed
+
+
+def _replace_the_other_text_key(raw: dict[str, Any], override: str) -> None:
+    """``--set calibration.source=X`` on a config with a mix (or ``sources`` on one with a single
+    text) replaces what the file says, rather than failing as two keys given at once."""
+    key = override.partition("=")[0].strip()
+    other = {"calibration.source": "sources", "calibration.sources": "source"}.get(key)
+    calibration = raw.get("calibration")
+    if other and isinstance(calibration, dict):
+        calibration.pop(other, None)
 
 
 def dotted(path: Any) -> str:

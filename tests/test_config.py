@@ -365,3 +365,10 @@ def test_bad_sources_and_compensation_are_one_line(tmp_path: Path, calibration, 
     raw = minimal()
     raw["calibration"], raw["compensation"] = calibration, compensation
     assert message in user_error(write(tmp_path, raw))
+
+
+def test_setting_one_calibration_text_replaces_the_files_mix():
+    config = load_config(SMOLLM2, ["calibration.source=my.txt"])
+    assert [(s.source, s.weight) for s in config.calibration.mix()] == [("my.txt", 1.0)]
+    config = load_config(LLAMA2, ['calibration.sources=[{"source": "a.txt", "weight": 1}]'])
+    assert config.calibration.describe() == "a.txt 1"

@@ -209,7 +209,7 @@ def test_registry_and_get_criterion() -> None:
     for name, cls in CRITERIA.items():
         assert cls.name == name and isinstance(get_criterion(name), cls)
     assert get_criterion("activation", batch_size=4).batch_size == 4
-    with pytest.raises(UserError, match="activation, magnitude, taylor"):
+    with pytest.raises(UserError, match="activation, magnitude, refit_error, taylor"):
         get_criterion("wanda")
     with pytest.raises(UserError, match="magnitude"):
         get_criterion("magnitude", batch_size=2)

@@ -549,3 +549,22 @@ def test_a_streamed_refit_run_equals_the_in_memory_one(tmp_path: Path, tiny_dir:
     streamed = prune(tmp_path, tiny_dir, "streamed", model={"streaming": "always"}, **sections)
     assert in_memory.plan["criterion"] == criterion
     _same_run(in_memory, streamed)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        (
+            {"source": "builtin:poetry"},
+            "calibration.source: unknown built-in text 'builtin:poetry': known are",
+        ),
+        ({"sources": [{"source": "x.raw", "weight": 1}]}, "calibration: give source (one text) or sources"),
+    ],
+)
+def test_a_bad_calibration_text_is_one_line_before_any_weight_is_read(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture, calibration: dict, message: str
+):
+    result = prune(tmp_path, tiny_dir, calibration=calibration)
+    err = capsys.readouterr().err
+    assert result.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not result.out.exists()
