@@ -250,13 +250,18 @@ class ActivationObserver:
         collector.forget(layer_idx)
 
     def scores(self) -> StructureScores:
-        missing = [i for i in range(self.num_layers) if i not in self.attention]
-        if missing:
-            raise RuntimeError(f"layers {missing} were never calibrated")
-        order = range(self.num_layers)
-        return StructureScores(
-            [self.attention[i] for i in order], [self.mlp[i] for i in order], common_scale=True
-        )
+        return layers_in_order(self.attention, self.mlp, self.num_layers)
+
+
+def layers_in_order(
+    attention: dict[int, torch.Tensor], mlp: dict[int, torch.Tensor], num_layers: int
+) -> StructureScores:
+    """Per-layer scores an observer gathered as layers finished, in layer order, on one common scale."""
+    missing = [i for i in range(num_layers) if i not in attention]
+    if missing:
+        raise RuntimeError(f"layers {missing} were never calibrated")
+    order = range(num_layers)
+    return StructureScores([attention[i] for i in order], [mlp[i] for i in order], common_scale=True)
 
 
 def _read_inputs(adapter: FamilyAdapter, layer: nn.Module, head_dim: int) -> list[str]:

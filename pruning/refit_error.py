@@ -99,15 +99,9 @@ class RefitErrorObserver:
         self.norms.forget(layer_idx)
 
     def scores(self) -> StructureScores:
-        from pruning.importance import StructureScores
+        from pruning.importance import layers_in_order
 
-        missing = [i for i in range(self.num_layers) if i not in self.attention]
-        if missing:
-            raise RuntimeError(f"layers {missing} were never calibrated")
-        order = range(self.num_layers)
-        return StructureScores(
-            [self.attention[i] for i in order], [self.mlp[i] for i in order], common_scale=True
-        )
+        return layers_in_order(self.attention, self.mlp, self.num_layers)
 
 
 @dataclass
