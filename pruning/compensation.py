@@ -18,7 +18,7 @@ layer's Gram matrices are alive at a time (``intermediate_size``^2 floats for th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,14 @@ class Refit:
     model: nn.Module
     plan: PruningPlan
     ridge: float = 1e-3
+    done: Callable[[nn.Module], None] | None = None  # called with each layer once it is final
 
     def __call__(self, layer_idx: int, layer: nn.Module, replay: LayerReplay) -> None:
+        self._prune_and_refit(layer_idx, layer, replay)
+        if self.done is not None:
+            self.done(layer)
+
+    def _prune_and_refit(self, layer_idx: int, layer: nn.Module, replay: LayerReplay) -> None:
         adapter = adapter_for(self.model.config)
         head_dim = adapter.head_dim(self.model.config)
         planned = self.plan.layers[layer_idx]
@@ -129,11 +135,14 @@ def prune_with_refit(
     batch_size: int,
     ridge: float = 1e-3,
     store: LayerStore | None = None,
+    done: Callable[[nn.Module], None] | None = None,
 ) -> None:
-    """Apply the plan layer by layer, refitting as it goes (see the module docstring)."""
+    """Apply the plan layer by layer, refitting as it goes (see the module docstring); ``done(layer)``
+    hears of each layer once it is final (a streamed run writes it then)."""
     was_training = model.training
     model.eval()
     try:
-        run_layerwise(model, windows, batch_size, [], change=Refit(model, plan, ridge), store=store)
+        change = Refit(model, plan, ridge, done)
+        run_layerwise(model, windows, batch_size, [], change=change, store=store)
     finally:
         model.train(was_training)

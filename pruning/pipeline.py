@@ -193,10 +193,9 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     if refit:
         heading += f", refitting each block's output projections (ridge {config.compensation.ridge:g})"
 
-    def pruning_pass(layers: object) -> None:
-        prune_with_refit(
-            context.model, context.plan, windows, cal.batch_size, config.compensation.ridge, store=layers
-        )
+    def pruning_pass(layers: object, done: object = None) -> None:
+        ridge = config.compensation.ridge
+        prune_with_refit(context.model, context.plan, windows, cal.batch_size, ridge, layers, done)
 
     with stage(context, "prune", heading):
         if streamed:

@@ -9,6 +9,9 @@ moment of the projection's inputs; with uncorrelated inputs it reduces exactly t
 score. Scores are divided by the residual stream's typical energy at the layer, as the activation
 criterion's are, so one global ranking compares all layers and both block types (its docstring gives
 why the median is used), and Gemma's post-norms weight output rows the same way.
+
+Memory: one layer's Gram matrices at a time with the ``layerwise`` engine; ``whole_model`` keeps every
+layer's until the forward ends (about 17 GB for Llama-2-7B), so use ``layerwise`` with it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def removal_errors(
     """Per block of columns (``blocks``: [structures, width] column indices), the output error
     ``tr(W_S [H^-1]_SS^-1 W_S^T)`` left by removing it and refitting the other columns optimally."""
     h = second_moment.double()
-    h = h + ridge * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp = max(ridge * float(h.diagonal().mean()), 1e-12)  # a dead input (all-zero Gram) stays solvable
+    h = h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     idx = blocks.to(h.device)
     h_ss = h_inv[idx[:, :, None], idx[:, None, :]]  # [structures, width, width]

@@ -212,36 +212,19 @@ def declared_tensors(
     return [(n, t.dtype, tuple(t.shape)) for n, t in pruned.state_dict().items() if n not in tied]
 
 
-class _WritingLayers:
-    """A store that writes each layer (as the pass left it) before it lets go of it."""
-
-    def __init__(self, store: StreamedLayers, write: Callable[[nn.Module], None]) -> None:
-        self.store, self.write = store, write
-
-    def outside_layers(self, head: bool = False) -> contextlib.AbstractContextManager[None]:
-        return self.store.outside_layers(head)
-
-    def load(self, layer_idx: int, layer: nn.Module) -> torch.device:
-        return self.store.load(layer_idx, layer)
-
-    def unload(self, layer_idx: int, layer: nn.Module) -> None:
-        self.write(layer)
-        self.store.unload(layer_idx, layer)
-
-
 def prune_and_write(
     model: nn.Module,
     plan: PruningPlan,
     store: StreamedLayers,
     directory: Path,
     max_shard_bytes: int,
-    pruning_pass: Callable[[LayerStore], None] | None = None,
+    pruning_pass: Callable[[LayerStore, Callable[[nn.Module], None]], None] | None = None,
 ) -> None:
     """Prune layer by layer, each written to ``directory``'s shards before the next is read.
 
-    ``pruning_pass`` replaces the plain loop with a layer-by-layer pass over the given store that prunes
-    each layer as it reaches it (compensation: ``pruning.compensation.prune_with_refit``); each layer is
-    written when the pass is done with it.
+    ``pruning_pass(store, write)`` replaces the plain loop with a layer-by-layer pass over ``store`` that
+    prunes each layer as it reaches it and calls ``write(layer)`` once the layer is final (compensation:
+    ``pruning.compensation.prune_with_refit``); a layer whose change failed is never written.
     """
     declared = declared_tensors(model.config, store.dtype, plan)
     writer = ShardWriter(directory, declared, max_shard_bytes)
@@ -264,7 +247,7 @@ def prune_and_write(
                 apply_layer_plan(model, plan.layers[idx])
                 write_layer(layer)
         else:
-            pruning_pass(_WritingLayers(store, write_layer))
+            pruning_pass(store, write_layer)
         writer.close()
     except BaseException:
         writer.abort()

@@ -568,3 +568,31 @@ def test_a_bad_calibration_text_is_one_line_before_any_weight_is_read(
     err = capsys.readouterr().err
     assert result.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not result.out.exists()
+
+
+def test_a_streamed_refit_that_fails_reports_its_own_error_and_writes_nothing(
+    tmp_path: Path, tiny_dir: Path, monkeypatch
+):
+    """A layer whose refit failed is never written: the run fails with the refit's error, not with a
+    shard writer's complaint about an unpruned layer, and output.dir stays absent."""
+    import pruning.compensation as compensation
+    from pruning.config import load_config
+    from pruning.pipeline import run_pipeline
+
+    calls = []
+
+    def failing_refit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("refit failed here")
+        return real_refit(*args, **kwargs)
+
+    real_refit = compensation.ridge_refit
+    monkeypatch.setattr(compensation, "ridge_refit", failing_refit)
+    out = tmp_path / "run"
+    config = write_config(
+        tmp_path / "c.yaml", tiny_dir, out, model={"streaming": "always"}, compensation={"method": "refit"}
+    )
+    with pytest.raises(RuntimeError, match="refit failed here"):
+        run_pipeline(load_config(config))
+    assert len(calls) == 2 and not out.exists()
