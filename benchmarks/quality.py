@@ -40,7 +40,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -288,14 +287,13 @@ def run_ours(spec: RowSpec) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="quality-ours-") as tmp:
         out = Path(tmp) / "run"
-        mixed = "calibration.sources" in spec.overrides  # a variant's own mix replaces the one text
         overrides = [
             _override("pruning.ratio", spec.ratio),
             _override("output.dir", str(out)),
             "hooks=[]",
             _override("model.path", spec.model),
             _override("model.dtype", "float32"),
-            *([] if mixed else [_override("calibration.source", spec.calib_source)]),
+            _override("calibration.source", spec.calib_source),  # a variant's own sources replace it
             _override("calibration.num_samples", spec.calib_samples),
             _override("calibration.seq_len", spec.calib_len),
             _override("calibration.seed", spec.seed),
@@ -306,7 +304,7 @@ def run_ours(spec: RowSpec) -> dict[str, Any]:
         sized = ("calibration.num_samples", "calibration.seq_len")
         variant = {k: v for k, v in spec.overrides.items() if not (spec.quick and k in sized)}
         overrides += [_override(k, _placed(v, spec)) for k, v in variant.items()]
-        context = run_pipeline(load_config(_config_for(spec.overrides, Path(tmp)), overrides))
+        context = run_pipeline(load_config(CONFIG, overrides))
         checkpoint = Path(context.checkpoint_dir)
         del context
         record = json.loads((out / "run.json").read_text())
@@ -354,20 +352,6 @@ def _text_file(source: str, texts_dir: str | None) -> str:
     if texts_dir and source.startswith("builtin:"):
         return str(Path(texts_dir) / (source.removeprefix("builtin:") + ".txt"))
     return source
-
-
-def _config_for(overrides: dict[str, Any], tmp: Path) -> Path:
-    """The default config, or a copy without ``calibration.source`` when a variant gives a mix
-    (``calibration.sources``): the two keys exclude each other and an override cannot delete a key."""
-    if "calibration.sources" not in overrides:
-        return CONFIG
-    import yaml
-
-    raw = yaml.safe_load(CONFIG.read_text())
-    raw.get("calibration", {}).pop("source", None)
-    copy = tmp / CONFIG.name
-    copy.write_text(yaml.safe_dump(raw))
-    return copy
 
 
 def _tokenizer(name: str) -> Any:
@@ -499,12 +483,9 @@ def machine() -> dict[str, str]:
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "torch-pruning", "accelerate", "pruning"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
+    from pruning.run_record import package_versions
+
+    found = package_versions(("torch", "transformers", "torch-pruning", "accelerate", "pruning"))
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

@@ -17,7 +17,6 @@ layer's Gram matrices are alive at a time (``intermediate_size``^2 floats for th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +28,6 @@ from pruning.engine import Handle, LayerReplay, LayerStore, run_layerwise
 from pruning.families import ATTENTION, KINDS, adapter_for
 from pruning.plan import LayerPlan, PruningPlan
 from pruning.surgery import apply_layer_plan
-
-logger = logging.getLogger(__name__)
-
-METHODS = ("none", "refit")
 
 
 class GramCollector:

@@ -37,8 +37,13 @@ def peak_rss_mb() -> float:
 
 
 def _versions() -> dict[str, str]:
+    return package_versions(("pruning", "torch", "transformers", "safetensors", "accelerate"))
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Python's version and each package's ("not installed" when it is not)."""
     found = {"python": platform.python_version()}
-    for package in ("pruning", "torch", "transformers", "safetensors", "accelerate"):
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
