@@ -114,6 +114,10 @@ def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str]) -> dic
         "--set",
         "model.dtype=bfloat16",
         "--set",
+        "pruning.importance=activation",  # what these figures measure; obs_fisher cannot stream
+        "--set",
+        "compensation.selection=plan",
+        "--set",
         "calibration.num_samples=8",
         "--set",
         "calibration.seq_len=64",

@@ -66,6 +66,7 @@ _NO_REFIT = {"compensation.method": "none"}
 _REFIT = {"compensation.method": "refit"}
 _LONG = {"calibration.num_samples": 128, "calibration.seq_len": 512}
 _LONGER = {"calibration.num_samples": 256, "calibration.seq_len": 512}
+_MID = {"calibration.num_samples": 128, "calibration.seq_len": 256}
 
 
 def _mix(wiki: float, other: float) -> dict[str, Any]:
@@ -97,6 +98,16 @@ OURS: list[tuple[str, dict[str, Any]]] = [
     (
         "ours: refit_error + refit, mix 80/10/10, 128x512",
         {"pruning.importance": "refit_error", **_REFIT, **_mix(0.8, 0.1), **_LONG},
+    ),
+    (  # the default config (names without commas can be picked with --methods)
+        "ours: obs_fisher + refit + obs selection; mix 80/10/10; 128x256",
+        {
+            "pruning.importance": "obs_fisher",
+            **_REFIT,
+            "compensation.selection": "obs",
+            **_mix(0.8, 0.1),
+            **_MID,
+        },
     ),
 ]
 REFERENCES = ("random", "magnitude_uniform", "torch_pruning", "wanda_sp_uniform", "llm_pruner_taylor", "flap")

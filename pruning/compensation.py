@@ -18,14 +18,15 @@ layer's Gram matrices are alive at a time (``intermediate_size``^2 floats for th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from pruning.engine import Handle, LayerReplay, LayerStore, run_layerwise
-from pruning.families import ATTENTION, KINDS, adapter_for
+from pruning.families import ATTENTION, KINDS, MLP, OwnedSlice, adapter_for
+from pruning.obs import greedy_removal
 from pruning.plan import LayerPlan, PruningPlan
 from pruning.surgery import apply_layer_plan
 
@@ -77,6 +78,13 @@ class Refit:
     plan: PruningPlan
     ridge: float = 1e-3
     done: Callable[[nn.Module], None] | None = None  # called with each layer once it is final
+    selection: str = "plan"  # or "obs": which structures of each block go is re-chosen (module docstring)
+    removed: dict[int, LayerPlan] = field(default_factory=dict)  # per layer, what was removed
+
+    def realized_plan(self) -> PruningPlan:
+        """The plan with what each layer really lost (it differs from ``plan`` only with ``obs``)."""
+        layers = tuple(self.removed.get(lp.layer_idx, lp) for lp in self.plan.layers)
+        return replace(self.plan, layers=layers, extra={**self.plan.extra, "selection": self.selection})
 
     def __call__(self, layer_idx: int, layer: nn.Module, replay: LayerReplay) -> None:
         self._prune_and_refit(layer_idx, layer, replay)
@@ -87,11 +95,20 @@ class Refit:
         adapter = adapter_for(self.model.config)
         head_dim = adapter.head_dim(self.model.config)
         planned = self.plan.layers[layer_idx]
+        chosen = {ATTENTION: planned.remove_kv_groups, MLP: planned.remove_channels}
         for kind in KINDS:
             geo = adapter.geometry(layer, head_dim)
-            removed = planned.remove_kv_groups if kind == ATTENTION else planned.remove_channels
+            removed = chosen[kind]
             if not removed:
                 continue
+            outputs = [owned for owned in adapter.owned_slices(kind, geo) if owned.axis == 1]
+            collector = GramCollector([owned.path for owned in outputs])
+            if len(removed) < geo.count(kind):
+                replay([collector])
+                if self.selection == "obs" and len(outputs) == 1:
+                    removed = chosen[kind] = self._choose(
+                        layer, outputs[0], collector, geo.count(kind), len(removed)
+                    )
             step = LayerPlan(
                 layer_idx,
                 geo.num_kv_heads,
@@ -103,9 +120,6 @@ class Refit:
             if emptied:  # nothing left to refit
                 apply_layer_plan(self.model, step)
                 continue
-            outputs = [owned for owned in adapter.owned_slices(kind, geo) if owned.axis == 1]
-            collector = GramCollector([owned.path for owned in outputs])
-            replay([collector])
             keep = step.keep_kv_groups if kind == ATTENTION else step.keep_channels
             refits = {
                 owned.path: ridge_refit(
@@ -121,6 +135,19 @@ class Refit:
             with torch.no_grad():
                 for path, weight in refits.items():
                     layer.get_submodule(path).weight.copy_(weight)
+        self.removed[layer_idx] = replace(
+            planned, remove_kv_groups=chosen[ATTENTION], remove_channels=chosen[MLP]
+        )
+
+    def _choose(
+        self, layer: nn.Module, owned: OwnedSlice, collector: GramCollector, count: int, how_many: int
+    ) -> tuple[int, ...]:
+        """As many structures as planned, chosen by greedy OBS on the pruned path's inputs."""
+        blocks = torch.tensor([owned.indices([s]) for s in range(count)], dtype=torch.long)
+        weight = layer.get_submodule(owned.path).weight
+        gram = collector.gram[owned.path].to(weight.device)
+        order, _ = greedy_removal(weight, gram, blocks, self.ridge, limit=how_many)
+        return tuple(sorted(order))
 
 
 def prune_with_refit(
@@ -131,13 +158,15 @@ def prune_with_refit(
     ridge: float = 1e-3,
     store: LayerStore | None = None,
     done: Callable[[nn.Module], None] | None = None,
-) -> None:
+    selection: str = "plan",
+) -> PruningPlan:
     """Apply the plan layer by layer, refitting as it goes (see the module docstring); ``done(layer)``
-    hears of each layer once it is final (a streamed run writes it then)."""
+    hears of each layer once it is final (a streamed run writes it then). Returns what was removed."""
     was_training = model.training
     model.eval()
     try:
-        change = Refit(model, plan, ridge, done)
+        change = Refit(model, plan, ridge, done, selection)
         run_layerwise(model, windows, batch_size, [], change=change, store=store)
     finally:
         model.train(was_training)
+    return change.realized_plan()

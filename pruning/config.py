@@ -105,6 +105,7 @@ class CalibrationConfig:
 class CompensationConfig:
     method: str = "none"  # none | refit (pruning.compensation)
     ridge: float = 1e-3
+    selection: str = "plan"  # plan | obs: which structures each block loses (pruning.compensation)
 
 
 @dataclass(frozen=True)

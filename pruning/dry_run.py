@@ -41,7 +41,8 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"  importance:  {prn.importance}; ranked globally across all layers",
         f"  compensation: {config.compensation.method}"
         + (
-            f" (output projections refit layer by layer, ridge {config.compensation.ridge:g})"
+            f" (output projections refit layer by layer, ridge {config.compensation.ridge:g}, "
+            f"selection {config.compensation.selection})"
             if config.compensation.method == "refit"
             else ""
         ),

@@ -369,9 +369,14 @@ CRITERIA: dict[str, type] = {
 
 
 def _register_refit_error() -> None:
-    from pruning.refit_error import RefitErrorCriterion  # it builds on this module's collectors
+    from pruning.refit_error import (
+        FisherObsCriterion,
+        ObsCriterion,
+        RefitErrorCriterion,
+    )  # they use this module
 
-    CRITERIA[RefitErrorCriterion.name] = RefitErrorCriterion
+    for criterion in (RefitErrorCriterion, ObsCriterion, FisherObsCriterion):
+        CRITERIA[criterion.name] = criterion
 
 
 _register_refit_error()

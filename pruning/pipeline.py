@@ -192,10 +192,14 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     heading = "Remove the planned structures" + (", layer by layer, writing each layer" if streamed else "")
     if refit:
         heading += f", refitting each block's output projections (ridge {config.compensation.ridge:g})"
+        if config.compensation.selection == "obs":
+            heading += ", each block's removals re-chosen by greedy OBS"
 
     def pruning_pass(layers: object, done: object = None) -> None:
-        ridge = config.compensation.ridge
-        prune_with_refit(context.model, context.plan, windows, cal.batch_size, ridge, layers, done)
+        comp = config.compensation
+        context.plan = prune_with_refit(
+            context.model, context.plan, windows, cal.batch_size, comp.ridge, layers, done, comp.selection
+        )
 
     with stage(context, "prune", heading):
         if streamed:
@@ -235,8 +239,9 @@ def where_it_runs(config: PipelineConfig) -> str:
 
 def _why_not_streamed(config: PipelineConfig) -> str | None:
     """Why this run cannot stream layers from disk, if it cannot (said before any weight is read)."""
-    if config.pruning.importance == "taylor":
-        return "pruning.importance: taylor needs a backward through the whole model in memory"
+    if config.pruning.importance in ("taylor", "obs_fisher"):
+        importance = config.pruning.importance
+        return f"pruning.importance: {importance} needs a backward through the whole model in memory"
     from pruning.importance import CRITERIA
 
     if CRITERIA[config.pruning.importance].needs_data and config.calibration.engine == "whole_model":

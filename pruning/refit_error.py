@@ -16,6 +16,7 @@ layer's until the forward ends (about 17 GB for Llama-2-7B), so use ``layerwise`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -25,6 +26,7 @@ from torch import nn
 from pruning.compensation import GramCollector
 from pruning.engine import Handle, LayerStore, calibrate
 from pruning.families import KINDS, adapter_for
+from pruning.obs import block_errors, greedy_removal
 
 if TYPE_CHECKING:
     from pruning.importance import StructureScores
@@ -42,22 +44,42 @@ def removal_errors(
     idx = blocks.to(h.device)
     h_ss = h_inv[idx[:, :, None], idx[:, None, :]]  # [structures, width, width]
     w_s = weight.detach().to(h.device, torch.float64)[:, idx].permute(1, 0, 2)  # [structures, out, width]
-    # tr(W_S A^-1 W_S^T) = sum(W_S * (A^-1 W_S^T)^T)
-    solved = torch.linalg.solve(h_ss, w_s.transpose(1, 2))  # [structures, width, out]
-    return (w_s * solved.transpose(1, 2)).sum(dim=(1, 2)).float().cpu()
+    return block_errors(w_s, h_ss).float().cpu()
+
+
+def greedy_errors(
+    weight: torch.Tensor, second_moment: torch.Tensor, blocks: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """Per block of columns, the error its removal added when all were removed greedily
+    (``pruning.obs.greedy_removal``)."""
+    return greedy_removal(weight, second_moment, blocks, ridge)[1]
+
+
+# (weight, second moment, blocks, ridge) -> one error per block
+Errors = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 class RefitErrorObserver:
     """Gathers each layer's output-projection Gram matrices and residual energy; scores the layer as
     soon as every window has been through it, then drops them."""
 
-    def __init__(self, model: nn.Module, ridge: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ridge: float,
+        errors: Errors = removal_errors,
+        row_weights: dict[tuple[int, str], torch.Tensor] | None = None,
+    ) -> None:
+        """``row_weights``: per (layer, projection path), a weight per output row (``pruning.fisher``)
+        that replaces the residual-energy normalisation and the post-norm weighting."""
         from pruning.importance import InputNormCollector  # importance registers this criterion
 
         self.adapter = adapter_for(model.config)
         self.head_dim = self.adapter.head_dim(model.config)
         self.num_layers = len(self.adapter.decoder_layers(model))
         self.ridge = ridge
+        self.errors = errors
+        self.row_weights = row_weights
         self.norms = InputNormCollector()
         self.grams: dict[int, GramCollector] = {}
         self.attention: dict[int, torch.Tensor] = {}
@@ -91,14 +113,20 @@ class RefitErrorObserver:
         }
         for kind, count, owned in self._outputs(layer):
             weight = layer.get_submodule(owned.path).weight.detach().float()
+            scale = residual
             norm_path = self.adapter.output_norm(kind)
-            if norm_path is not None:  # what reaches the stream through a post-norm (see ActivationCriterion)
+            if self.row_weights is not None:  # the loss's own weights: one scale for all layers
+                weight = weight * self.row_weights[(layer_idx, owned.path)].to(weight.device).sqrt()[:, None]
+                scale = 1.0
+            elif (
+                norm_path is not None
+            ):  # what reaches the stream through a post-norm (see ActivationCriterion)
                 gain = self.adapter.norm_gain(layer.get_submodule(norm_path)).float().to(weight.device)
                 block_out = float(self.norms.mean_square(layer_idx, norm_path).mean())
                 weight = weight * (gain / block_out**0.5)[:, None]
             blocks = torch.tensor([owned.indices([s]) for s in range(count)], dtype=torch.long)
             gram = grams.gram[owned.path] / tokens
-            totals[kind] += removal_errors(weight, gram, blocks, self.ridge) / residual
+            totals[kind] += self.errors(weight, gram, blocks, self.ridge) / scale
         self.attention[layer_idx], self.mlp[layer_idx] = (totals[kind] for kind in KINDS)
         self.norms.forget(layer_idx)
 
@@ -118,8 +146,35 @@ class RefitErrorCriterion:
     engine: str = "layerwise"
     store: LayerStore | None = None
     ridge: float = 1e-3
+    errors: ClassVar[Errors] = staticmethod(removal_errors)
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
-        observer = RefitErrorObserver(model, self.ridge)
+        observer = RefitErrorObserver(model, self.ridge, self.errors)
+        calibrate(model, windows, self.batch_size, [observer], self.engine, self.store)
+        return observer.scores()
+
+
+@dataclass
+class ObsCriterion(RefitErrorCriterion):
+    """Score each KV group and MLP channel by the error its removal added when its block's structures
+    were removed greedily, each removal refit (``pruning.obs``): what a set costs, not each alone."""
+
+    name: ClassVar[str] = "obs"
+    errors: ClassVar[Errors] = staticmethod(greedy_errors)
+
+
+@dataclass
+class FisherObsCriterion(ObsCriterion):
+    """``obs`` with each removal's output error weighted, per output row, by how much the loss cares
+    about it (``pruning.fisher``) instead of divided by the residual stream's energy. Needs a backward
+    through the whole model held in memory (not streamed)."""
+
+    name: ClassVar[str] = "obs_fisher"
+
+    def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
+        from pruning.fisher import output_fisher
+
+        weights = output_fisher(model, windows, self.batch_size)
+        observer = RefitErrorObserver(model, self.ridge, self.errors, weights)
         calibrate(model, windows, self.batch_size, [observer], self.engine, self.store)
         return observer.scores()

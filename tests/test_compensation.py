@@ -54,12 +54,12 @@ def test_refit_keeps_the_weight_dtype_and_device() -> None:
     assert refit.dtype == torch.bfloat16 and refit.shape == (3, 2)
 
 
-def _refit_and_oracle(arch: str):
+def _refit_and_oracle(arch: str, selection: str = "plan"):
     """(refit pruned model, dense copy zeroed by the plan with the refit columns written in, dense copy)."""
     model = tiny_model(arch)
-    plan = make_plan(model)
+    planned = make_plan(model)
     dense = copy.deepcopy(model)
-    prune_with_refit(model, plan, _windows(), batch_size=4)
+    plan = prune_with_refit(model, planned, _windows(), batch_size=4, selection=selection)
     oracle = copy.deepcopy(dense)
     zero_plan_structures(oracle, plan)
     adapter = adapter_for(model.config)
@@ -103,6 +103,58 @@ def test_refit_pruned_model_equals_the_zeroed_dense_model_with_the_refit_columns
     assert (logits - dense_logits).abs().max() > 1e-3  # the plan really changed the function
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_obs_selection_keeps_the_counts_and_the_returned_plan_is_what_was_removed(
+    arch: str, batch: int
+) -> None:
+    """With ``selection="obs"`` each block loses as many structures as planned, maybe others; the
+    returned plan names them, and the oracle holds for it."""
+    model, oracle, _, plan = _refit_and_oracle(arch, selection="obs")
+    planned = make_plan(tiny_model(arch))
+    for lp, want in zip(plan.layers, planned.layers, strict=True):
+        assert len(lp.remove_kv_groups) == len(want.remove_kv_groups)
+        assert len(lp.remove_channels) == len(want.remove_channels)
+    assert plan.extra["selection"] == "obs"
+    ids = input_ids(batch=batch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, oracle(ids).logits, atol=1e-4, rtol=0)
+
+
+def _only_layer_1(model: torch.nn.Module) -> PruningPlan:
+    """The tiny plan, but only for layer 1 (some KV groups, some channels)."""
+    return PruningPlan(
+        tuple(
+            lp if lp.layer_idx == 1 else LayerPlan(lp.layer_idx, lp.num_kv_groups, lp.num_channels)
+            for lp in make_plan(model).layers
+        )
+    )
+
+
+def test_obs_selection_leaves_a_layer_no_further_from_dense_than_the_plan() -> None:
+    """Greedy OBS picks, on the very inputs the refit sees, what the refit can best make up for: with
+    only layer 1 pruned its block outputs end nearer the dense ones than with the plan's choice."""
+    windows = _windows(n=24, length=16)
+    model = tiny_model("llama_gqa")
+    plan = _only_layer_1(model)
+    dense, by_plan = copy.deepcopy(model), copy.deepcopy(model)
+    prune_with_refit(by_plan, plan, windows, batch_size=8)
+    chosen = prune_with_refit(model, plan, windows, batch_size=8, selection="obs")
+    assert chosen.layers[1].remove_channels != plan.layers[1].remove_channels
+
+    def mlp_output(m: torch.nn.Module) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        layer = adapter_for(m.config).decoder_layers(m)[1]
+        handle = layer.mlp.register_forward_hook(lambda mod, a, out: seen.append(out))
+        with torch.no_grad():
+            m(windows)
+        handle.remove()
+        return seen[0]
+
+    target = mlp_output(dense)
+    assert (mlp_output(model) - target).norm() < (mlp_output(by_plan) - target).norm()
+
+
 @pytest.mark.parametrize("arch", ["llama_gqa", "qwen2", "phi3", "gemma3"])
 def test_refit_brings_a_pruned_layer_closer_to_the_dense_one(arch: str) -> None:
     """With only layer 1 pruned (some KV groups, some channels), its outputs on the calibration windows
@@ -110,13 +162,7 @@ def test_refit_brings_a_pruned_layer_closer_to_the_dense_one(arch: str) -> None:
     solutions the least squares chose from."""
     windows = _windows(n=24, length=16)
     model = tiny_model(arch)
-    full = make_plan(model)
-    plan = PruningPlan(
-        tuple(
-            lp if lp.layer_idx == 1 else LayerPlan(lp.layer_idx, lp.num_kv_groups, lp.num_channels)
-            for lp in full.layers
-        )
-    )
+    plan = _only_layer_1(model)
     dense, plain = copy.deepcopy(model), copy.deepcopy(model)
     apply_plan(plain, plan)
     prune_with_refit(model, plan, windows, batch_size=8)

@@ -61,13 +61,13 @@ def test_smollm2_config_values():
                 WeightedSource("builtin:python-docs", 0.1),
             ),
             num_samples=128,
-            seq_len=512,
+            seq_len=256,
             batch_size=4,
             seed=0,
         ),
-        compensation=CompensationConfig(method="refit", ridge=0.001),
+        compensation=CompensationConfig(method="refit", ridge=0.001, selection="obs"),
         pruning=PruningConfig(
-            ratio=0.2, ratio_of="total", importance="activation", protected_layers=(), min_kv_groups=0
+            ratio=0.2, ratio_of="total", importance="obs_fisher", protected_layers=(), min_kv_groups=0
         ),
         output=OutputConfig(dir="results/smollm2_0.2", overwrite=False),
         hooks=(
@@ -140,7 +140,7 @@ def test_overrides_are_typed_as_yaml():
     assert config.output.overwrite is True
     assert config.pruning.protected_layers == (0, 1)
     assert config.model.path == "other/model"
-    assert config.calibration.seq_len == 512  # untouched keys keep the file's values
+    assert config.calibration.seq_len == 256  # untouched keys keep the file's values
 
 
 def test_override_creates_a_missing_section(tmp_path: Path):

@@ -205,11 +205,11 @@ def test_removed_blocks_and_pruned_layers_score_with_their_current_shapes() -> N
 
 
 def test_registry_and_get_criterion() -> None:
-    assert set(CRITERIA) == {"activation", "taylor", "magnitude", "refit_error"}
+    assert set(CRITERIA) == {"activation", "taylor", "magnitude", "refit_error", "obs", "obs_fisher"}
     for name, cls in CRITERIA.items():
         assert cls.name == name and isinstance(get_criterion(name), cls)
     assert get_criterion("activation", batch_size=4).batch_size == 4
-    with pytest.raises(UserError, match="activation, magnitude, refit_error, taylor"):
+    with pytest.raises(UserError, match="activation, magnitude, obs, obs_fisher, refit_error, taylor"):
         get_criterion("wanda")
     with pytest.raises(UserError, match="magnitude"):
         get_criterion("magnitude", batch_size=2)

@@ -202,7 +202,7 @@ def removal_sets(plan: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return [(tuple(lp["remove_kv_groups"]), tuple(lp["remove_channels"])) for lp in plan["layers"]]
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "magnitude"])
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude", "obs_fisher"])
 def test_other_importance_criteria(tmp_path: Path, tiny_dir: Path, baseline: SimpleNamespace, criterion: str):
     result = prune(tmp_path, tiny_dir, criterion, pruning={"importance": criterion})
     assert result.code == 0
@@ -462,6 +462,7 @@ def test_a_streamed_run_gives_the_plain_run_and_writes_each_layer_as_it_goes(
     ("sections", "message"),
     [
         ({"pruning": {"ratio": 0.2, "importance": "taylor"}}, "taylor needs a backward"),
+        ({"pruning": {"ratio": 0.2, "importance": "obs_fisher"}}, "obs_fisher needs a backward"),
         ({"calibration": {"engine": "whole_model"}}, "whole_model needs every weight in memory"),
     ],
 )
@@ -542,12 +543,20 @@ def test_a_refit_run_keeps_the_plan_and_changes_only_output_projections(
     assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed), changed
 
 
-@pytest.mark.parametrize("criterion", ["activation", "refit_error"])
-def test_a_streamed_refit_run_equals_the_in_memory_one(tmp_path: Path, tiny_dir: Path, criterion: str):
-    sections = {"compensation": {"method": "refit"}, "pruning": {"ratio": 0.2, "importance": criterion}}
+@pytest.mark.parametrize(
+    ("criterion", "selection"), [("activation", "plan"), ("refit_error", "plan"), ("obs", "obs")]
+)
+def test_a_streamed_refit_run_equals_the_in_memory_one(
+    tmp_path: Path, tiny_dir: Path, criterion: str, selection: str
+):
+    sections = {
+        "compensation": {"method": "refit", "selection": selection},
+        "pruning": {"ratio": 0.2, "importance": criterion},
+    }
     in_memory = prune(tmp_path, tiny_dir, "memory", **sections)
     streamed = prune(tmp_path, tiny_dir, "streamed", model={"streaming": "always"}, **sections)
     assert in_memory.plan["criterion"] == criterion
+    assert in_memory.plan["extra"]["selection"] == selection
     _same_run(in_memory, streamed)
 
 

@@ -152,6 +152,8 @@ def test_a_streamed_model_refuses_what_needs_it_whole(tmp_path: Path) -> None:
     windows = input_ids(batch=2, length=8)
     with pytest.raises(UserError, match="taylor needs a backward"):
         get_criterion("taylor").score(model, windows)
+    with pytest.raises(UserError, match="obs_fisher needs a backward"):
+        get_criterion("obs_fisher").score(model, windows)
     with pytest.raises(UserError, match="whole_model needs every weight"):
         get_criterion("activation", engine="whole_model", store=store).score(model, windows)
 
