@@ -109,6 +109,16 @@ OURS: list[tuple[str, dict[str, Any]]] = [
             **_MID,
         },
     ),
+    (
+        "ours: obs_fisher + refit + obs selection; mix 90/5/5; 128x256",
+        {
+            "pruning.importance": "obs_fisher",
+            **_REFIT,
+            "compensation.selection": "obs",
+            **_mix(0.9, 0.05),
+            **_MID,
+        },
+    ),
 ]
 REFERENCES = ("random", "magnitude_uniform", "torch_pruning", "wanda_sp_uniform", "llm_pruner_taylor", "flap")
 DENSE = "dense"

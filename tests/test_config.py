@@ -56,9 +56,9 @@ def test_smollm2_config_values():
         model=ModelConfig(path="smollm2-135m", dtype="float32", device_map="cpu"),
         calibration=CalibrationConfig(
             sources=(
-                WeightedSource("data/wikitext-2-raw/wiki.valid.raw", 0.8),
-                WeightedSource("builtin:python-code", 0.1),
-                WeightedSource("builtin:python-docs", 0.1),
+                WeightedSource("data/wikitext-2-raw/wiki.valid.raw", 0.9),
+                WeightedSource("builtin:python-code", 0.05),
+                WeightedSource("builtin:python-docs", 0.05),
             ),
             num_samples=128,
             seq_len=256,
