@@ -535,8 +535,14 @@ def refit_run(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Simpl
 def test_a_refit_run_keeps_the_plan_and_changes_only_output_projections(
     refit_run: SimpleNamespace, baseline: SimpleNamespace
 ):
-    assert refit_run.code == 0 and refit_run.plan == baseline.plan
-    assert refit_run.record["config"]["compensation"] == {"method": "refit", "ridge": 0.001}
+    assert refit_run.code == 0
+    assert refit_run.plan["extra"].pop("selection") == "plan"  # the refit pass kept the plan's choice
+    assert refit_run.plan == baseline.plan
+    assert refit_run.record["config"]["compensation"] == {
+        "method": "refit",
+        "ridge": 0.001,
+        "selection": "plan",
+    }
     refit, plain = _saved_tensors(refit_run.out), _saved_tensors(baseline.out)
     assert sorted(refit) == sorted(plain)
     changed = {k for k in refit if not torch.equal(refit[k], plain[k])}
