@@ -13,6 +13,11 @@ measured worse on text other than the calibration text (docs/compensation.md).
 It runs in the layer-by-layer pass (``pruning.engine.run_layerwise``'s ``change``): attention first,
 then the MLP on the refit attention's outputs, then the layer runs to feed the next one. Only one
 layer's Gram matrices are alive at a time (``intermediate_size``^2 floats for the MLP).
+
+``selection="obs"`` keeps how many structures the plan takes from each block but re-chooses which:
+greedy OBS (``pruning.obs``) on the Gram matrix the refit uses, so the choice sees the pruned path's
+inputs and the refit that follows. That needs a block with one output projection, as in every family
+here; a block with several keeps the plan's choice. The returned plan records what was removed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 
 from pruning.engine import Handle, LayerReplay, LayerStore, run_layerwise
 from pruning.families import ATTENTION, KINDS, MLP, OwnedSlice, adapter_for
-from pruning.obs import greedy_removal
+from pruning.obs import column_blocks, greedy_removal
 from pruning.plan import LayerPlan, PruningPlan
 from pruning.surgery import apply_layer_plan
 
@@ -143,7 +148,7 @@ class Refit:
         self, layer: nn.Module, owned: OwnedSlice, collector: GramCollector, count: int, how_many: int
     ) -> tuple[int, ...]:
         """As many structures as planned, chosen by greedy OBS on the pruned path's inputs."""
-        blocks = torch.tensor([owned.indices([s]) for s in range(count)], dtype=torch.long)
+        blocks = column_blocks(owned, count)
         weight = layer.get_submodule(owned.path).weight
         gram = collector.gram[owned.path].to(weight.device)
         order, _ = greedy_removal(weight, gram, blocks, self.ridge, limit=how_many)

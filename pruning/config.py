@@ -299,6 +299,13 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
             f"{path}: calibration.gradient_checkpointing applies to the taylor criterion only "
             f"(pruning.importance is {pruning.get('importance', 'activation')})"
         )
+    compensation = raw.get("compensation", {})
+    method = compensation.get("method", "none")
+    if compensation.get("selection", "plan") != "plan" and method != "refit":
+        raise UserError(
+            f"{path}: compensation.selection: {compensation['selection']} re-chooses structures in the "
+            f"refit pass, which runs only with compensation.method: refit (it is {method})"
+        )
     for key, size in (raw["model"].get("max_memory") or {}).items():
         try:
             size_in_bytes(str(size))

@@ -54,6 +54,7 @@ class StructureScores:
 class ImportanceCriterion(Protocol):
     name: ClassVar[str]
     needs_data: ClassVar[bool]  # False: scores from weights alone, no calibration windows, no batch_size
+    needs_backward: ClassVar[bool]  # True: a backward through the whole model in memory (never streamed)
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores: ...
 
@@ -203,6 +204,7 @@ class ActivationCriterion:
 
     name: ClassVar[str] = "activation"
     needs_data: ClassVar[bool] = True
+    needs_backward: ClassVar[bool] = False
     batch_size: int = 1
     engine: str = "layerwise"  # or "whole_model": the same statistics (pruning.engine)
     store: LayerStore | None = None  # where the layers' weights are (pruning.streaming); None: resident
@@ -291,6 +293,7 @@ class TaylorCriterion:
 
     name: ClassVar[str] = "taylor"
     needs_data: ClassVar[bool] = True
+    needs_backward: ClassVar[bool] = True
     batch_size: int = 1
     gradient_checkpointing: bool = False
 
@@ -351,6 +354,7 @@ class MagnitudeCriterion:
 
     name: ClassVar[str] = "magnitude"
     needs_data: ClassVar[bool] = False
+    needs_backward: ClassVar[bool] = False
     store: LayerStore | None = None  # where the layers' weights are (pruning.streaming); None: resident
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None = None) -> StructureScores:

@@ -24,6 +24,9 @@ import math
 
 import torch
 
+from pruning.errors import UserError
+from pruning.families import OwnedSlice
+
 REFRESH = 32  # steps between exact recomputations of the refit weights and H^-1
 
 
@@ -64,7 +67,7 @@ def greedy_removal(
         w_s = w[:, cols].permute(1, 0, 2)  # [alive, out, width]
         single = block_errors(w_s, h_ss)
         if not torch.isfinite(single).all():
-            raise FloatingPointError(
+            raise UserError(
                 f"greedy OBS: non-finite removal errors after {len(order)} of {count} removals "
                 "(non-finite weights or calibration statistics?)"
             )
@@ -79,6 +82,11 @@ def greedy_removal(
         alive[chosen] = False
     charge[alive.cpu()] = 2 * level + 1.0
     return order, charge.float()
+
+
+def column_blocks(owned: OwnedSlice, count: int) -> torch.Tensor:
+    """[count, width]: the columns of ``owned``'s Linear that each of ``count`` structures owns."""
+    return torch.tensor([owned.indices([s]) for s in range(count)], dtype=torch.long)
 
 
 def block_errors(w_s: torch.Tensor, h_ss: torch.Tensor) -> torch.Tensor:

@@ -239,11 +239,11 @@ def where_it_runs(config: PipelineConfig) -> str:
 
 def _why_not_streamed(config: PipelineConfig) -> str | None:
     """Why this run cannot stream layers from disk, if it cannot (said before any weight is read)."""
-    if config.pruning.importance in ("taylor", "obs_fisher"):
-        importance = config.pruning.importance
-        return f"pruning.importance: {importance} needs a backward through the whole model in memory"
     from pruning.importance import CRITERIA
 
+    importance = config.pruning.importance
+    if CRITERIA[importance].needs_backward:
+        return f"pruning.importance: {importance} needs a backward through the whole model in memory"
     if CRITERIA[config.pruning.importance].needs_data and config.calibration.engine == "whole_model":
         return "calibration.engine: whole_model needs every weight in memory (layerwise streams)"
     return None

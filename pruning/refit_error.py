@@ -26,7 +26,7 @@ from torch import nn
 from pruning.compensation import GramCollector
 from pruning.engine import Handle, LayerStore, calibrate
 from pruning.families import KINDS, adapter_for
-from pruning.obs import block_errors, greedy_removal
+from pruning.obs import block_errors, column_blocks, greedy_removal
 
 if TYPE_CHECKING:
     from pruning.importance import StructureScores
@@ -118,13 +118,12 @@ class RefitErrorObserver:
             if self.row_weights is not None:  # the loss's own weights: one scale for all layers
                 weight = weight * self.row_weights[(layer_idx, owned.path)].to(weight.device).sqrt()[:, None]
                 scale = 1.0
-            elif (
-                norm_path is not None
-            ):  # what reaches the stream through a post-norm (see ActivationCriterion)
+            elif norm_path is not None:
+                # what reaches the stream through a post-norm (see ActivationCriterion)
                 gain = self.adapter.norm_gain(layer.get_submodule(norm_path)).float().to(weight.device)
                 block_out = float(self.norms.mean_square(layer_idx, norm_path).mean())
                 weight = weight * (gain / block_out**0.5)[:, None]
-            blocks = torch.tensor([owned.indices([s]) for s in range(count)], dtype=torch.long)
+            blocks = column_blocks(owned, count)
             gram = grams.gram[owned.path] / tokens
             totals[kind] += self.errors(weight, gram, blocks, self.ridge) / scale
         self.attention[layer_idx], self.mlp[layer_idx] = (totals[kind] for kind in KINDS)
@@ -142,6 +141,7 @@ class RefitErrorCriterion:
 
     name: ClassVar[str] = "refit_error"
     needs_data: ClassVar[bool] = True
+    needs_backward: ClassVar[bool] = False
     batch_size: int = 1
     engine: str = "layerwise"
     store: LayerStore | None = None
@@ -170,6 +170,7 @@ class FisherObsCriterion(ObsCriterion):
     through the whole model held in memory (not streamed)."""
 
     name: ClassVar[str] = "obs_fisher"
+    needs_backward: ClassVar[bool] = True
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
         from pruning.fisher import output_fisher

@@ -324,6 +324,15 @@ def test_gradient_checkpointing_without_taylor_is_refused(tmp_path: Path):
     assert load_config(write(tmp_path, raw)).calibration.gradient_checkpointing
 
 
+def test_selection_without_refit_is_refused(tmp_path: Path):
+    raw = minimal()
+    raw["compensation"] = {"selection": "obs"}
+    message = user_error(write(tmp_path, raw))
+    assert "compensation.selection: obs" in message and "compensation.method: refit (it is none)" in message
+    raw["compensation"]["method"] = "refit"
+    assert load_config(write(tmp_path, raw)).compensation.selection == "obs"
+
+
 def test_calibration_sources_give_a_weighted_mix_and_round_trip(tmp_path: Path):
     raw = minimal()
     raw["calibration"] = {

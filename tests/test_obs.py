@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pruning.errors import UserError
 from pruning.obs import _remove, greedy_removal
 
 
@@ -97,3 +98,10 @@ def test_a_dead_input_is_removed_first_and_costs_nothing() -> None:
     order, charge = greedy_removal(weight, x.T @ x / len(x), blocks, ridge=0.0, steps=5)
     assert order[0] == 3
     assert float(charge[3]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_non_finite_statistics_are_one_clear_error() -> None:
+    x, weight, blocks = _problem(seed=6, count=5, width=1)
+    weight[2, 1] = float("nan")
+    with pytest.raises(UserError, match="non-finite removal errors after 0 of 5"):
+        greedy_removal(weight, x.T @ x / len(x), blocks, ridge=1e-6)
