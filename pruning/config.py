@@ -116,6 +116,9 @@ class PruningConfig:
     protected_layers: tuple[int, ...] = ()
     min_kv_groups: int = 0
     min_channels: int = 0
+    uniform: bool = False  # one size for every layer: a stock config (pruning.kept_shape)
+    multiple_of: int = 1
+    heads_multiple_of: int = 1
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,11 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
         raise UserError(
             f"{path}: calibration.gradient_checkpointing applies to the taylor criterion only "
             f"(pruning.importance is {pruning.get('importance', 'activation')})"
+        )
+    if pruning.get("uniform") and pruning["protected_layers"]:
+        raise UserError(
+            f"{path}: pruning.uniform gives every layer one size, so protected_layers "
+            f"{list(pruning['protected_layers'])} cannot stay whole; drop one of them"
         )
     compensation = raw.get("compensation", {})
     method = compensation.get("method", "none")

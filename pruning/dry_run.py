@@ -50,6 +50,8 @@ def describe_run(context: PipelineContext, hook_names: list[str]) -> str:
         f"(decoder layers hold {layers:,}); about {total - remove:,} parameters remain",
         f"  protected:   layers {list(prn.protected_layers) or 'none'}; min KV groups {prn.min_kv_groups}, "
         f"min channels {prn.min_channels} per layer",
+        f"  shape:       {'one size for every layer (stock config)' if prn.uniform else 'sizes per layer'}"
+        f"; kept channels a multiple of {prn.multiple_of}, kept query heads of {prn.heads_multiple_of}",
         f"  output:      {context.output_dir} (checkpoint in {CHECKPOINT_SUBDIR}/, run.json, plan.json)",
         f"  hooks:       {', '.join(hook_names) or 'none'}",
     ]

@@ -143,6 +143,7 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
     from pruning.compensation import prune_with_refit
     from pruning.data import mixed_windows
     from pruning.importance import CRITERIA, get_criterion
+    from pruning.kept_shape import KeptShape
     from pruning.planner import plan_global
     from pruning.streaming import prune_and_write
     from pruning.surgery import apply_plan
@@ -186,6 +187,7 @@ def run_stages(context: PipelineContext, hooks: HookRunner) -> None:
             prn.min_kv_groups,
             prn.min_channels,
             criterion=prn.importance,
+            shape=KeptShape(prn.uniform, prn.multiple_of, prn.heads_multiple_of),
         )
     checkpoint = context.output_dir / CHECKPOINT_SUBDIR
     weights_dir = None

@@ -11,13 +11,15 @@ without touching costs or the plan format:
 3. ``rank_candidates``: ascending by that value, ties broken by position for determinism.
 4. ``select_for_removal``: walk the ranking, skipping protected layers and structures that would take
    a layer below its minimum, until the removed cost first reaches the target.
+5. ``pruning.kept_shape``: where the config asks for it, the same sizes in every layer (``uniform``)
+   or kept counts in multiples; the ranking still decides which structures go.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ from pruning.errors import UserError
 from pruning.families import ATTENTION, MLP, adapter_for
 from pruning.families.base import LayerCosts
 from pruning.importance import StructureScores
+from pruning.kept_shape import KeptShape, round_per_layer, select_uniform
 from pruning.plan import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -156,8 +159,13 @@ def plan_global(
     min_kv_groups: int = 0,
     min_channels: int = 0,
     criterion: str = "",
+    *,
+    shape: KeptShape = KeptShape(),  # noqa: B008 (frozen, so one shared default is safe)
 ) -> PruningPlan:
     """Plan removal of ``ratio`` of the model's parameters (``ratio_of`` "total") or of its decoder layers'.
+
+    ``shape`` asks for the same sizes in every layer or for kept counts in multiples
+    (``pruning.kept_shape``); rounding removes more, never less, than the target.
 
     ``params_before`` / ``params_target`` / ``params_planned`` are model sizes: now, wanted, and what
     applying this plan gives (at most one structure below the target size).
@@ -181,7 +189,18 @@ def plan_global(
         )
     ranked = rank_candidates(normalized_candidates(scores, costs))
     removed = select_for_removal(ranked, costs, target, protected, min_kv_groups, min_channels)
-    return _build_plan(costs, removed, criterion, params_before, round(target), ratio, ratio_of)
+    if shape.uniform:
+        if protected:
+            raise UserError("pruning.uniform cannot keep protected_layers whole: every layer gets one size")
+        removed = select_uniform(ranked, removed, costs, target, shape, min_kv_groups, min_channels)
+    elif not shape.is_free:
+        minimum = {ATTENTION: min_kv_groups, MLP: min_channels}
+        removed = round_per_layer(ranked, removed, costs, shape, minimum)
+    plan = _build_plan(costs, removed, criterion, params_before, round(target), ratio, ratio_of)
+    if shape.is_free:
+        return plan
+    extra = {**plan.extra, "shape": asdict(shape)}
+    return replace(plan, extra=extra)
 
 
 def _build_plan(

@@ -381,3 +381,14 @@ def test_setting_one_calibration_text_replaces_the_files_mix():
     assert [(s.source, s.weight) for s in config.calibration.mix()] == [("my.txt", 1.0)]
     config = load_config(LLAMA2, ['calibration.sources=[{"source": "a.txt", "weight": 1}]'])
     assert config.calibration.describe() == "a.txt 1"
+
+
+def test_uniform_and_multiples_parse_and_refuse_protected_layers(tmp_path: Path):
+    raw = minimal()
+    raw["pruning"].update({"uniform": True, "multiple_of": 64, "heads_multiple_of": 2})
+    prn = load_config(write(tmp_path, raw)).pruning
+    assert (prn.uniform, prn.multiple_of, prn.heads_multiple_of) == (True, 64, 2)
+    raw["pruning"]["protected_layers"] = [0]
+    assert "pruning.uniform" in user_error(write(tmp_path, raw))
+    raw["pruning"].update({"uniform": False, "multiple_of": 0})
+    assert "multiple_of" in user_error(write(tmp_path, raw))
