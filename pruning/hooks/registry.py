@@ -84,11 +84,18 @@ def _analysis_hook() -> type:
     return AnalysisHook
 
 
+def _plot_hook() -> type:
+    from pruning.hooks.plot import PlotHook
+
+    return PlotHook
+
+
 def default_registry() -> HookRegistry:
     """A registry with the built-in hooks."""
     registry = HookRegistry()
     registry.register("analysis", _analysis_hook)
     registry.register("perplexity", _perplexity_hook)
+    registry.register("plot", _plot_hook)
     return registry
 
 
@@ -115,6 +122,8 @@ def instantiate(cls: type, params: dict[str, Any], label: str) -> Any:
     check_event_methods(cls, label)
     try:
         return cls(**params)
+    except UserError:  # already one complete line for the user (the plot hook's missing matplotlib)
+        raise
     except (TypeError, ValueError) as e:
         raise UserError(f"hooks: {label}: bad params {params}: {e}") from e
     except (Exception, SystemExit) as e:  # a hook's constructor is the user's code: name it, no traceback
