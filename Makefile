@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2_0.2.yaml
 ARGS   ?=
 
-.PHONY: setup run test lint bench bench-memory clean
+.PHONY: setup run test lint bench bench-memory llamacpp gguf-check clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ bench: setup
 SHAPE ?= 1b
 bench-memory: setup   # make bench-memory SHAPE=13b (writes 24.6 GiB of random weights to /tmp first)
 	$(BIN)/python benchmarks/memory.py --shape $(SHAPE) $(ARGS)
+
+LLAMACPP_VERSION := 0.3.36
+llamacpp: setup   # builds llama.cpp from source through pip (long: see README, Export)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install 'llama-cpp-python==$(LLAMACPP_VERSION)'
+
+gguf-check: llamacpp   # llama.cpp against transformers: tiny models of every exported family, then SmolLM2
+	$(BIN)/python -m pytest -q -m llamacpp tests/test_gguf_export.py
+	$(BIN)/python benchmarks/gguf_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -132,7 +132,7 @@ def test_entry_point_resolves_by_name_and_others_stay_unloaded(isolated_imports:
     assert installed[0].loads == 0  # "bomb" is installed but never named
     assert set(groups) == {ENTRY_POINT_GROUP}
     names = registry.names()  # listing loads nothing
-    assert names == ["analysis", "bomb", "counted", "event-log", "perplexity", "plot"]
+    assert names == ["analysis", "bomb", "counted", "event-log", "gguf", "perplexity", "plot"]
     assert installed[0].loads == 0 and counted.loads == 1
 
 
@@ -148,7 +148,7 @@ def test_unknown_name_lists_known_hooks(fake_entry_points):
     installed.append(FakeEntryPoint("event-log"))
     with pytest.raises(UserError) as info:
         default_registry().resolve("analysys")
-    known = "analysis, bomb, event-log, perplexity, plot"
+    known = "analysis, bomb, event-log, gguf, perplexity, plot"
     assert str(info.value) == f"hooks: unknown hook 'analysys'; known hooks: {known}"
     assert all(ep.loads == 0 for ep in installed)
 

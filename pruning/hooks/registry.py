@@ -90,11 +90,18 @@ def _plot_hook() -> type:
     return PlotHook
 
 
+def _gguf_hook() -> type:
+    from pruning.hooks.gguf import GgufHook
+
+    return GgufHook
+
+
 def default_registry() -> HookRegistry:
     """A registry with the built-in hooks."""
     registry = HookRegistry()
     registry.register("analysis", _analysis_hook)
     registry.register("perplexity", _perplexity_hook)
+    registry.register("gguf", _gguf_hook)
     registry.register("plot", _plot_hook)
     return registry
 

@@ -1,0 +1,44 @@
+"""The built-in ``gguf`` hook: the saved checkpoint as a GGUF file for llama.cpp (pruning.gguf_export)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pruning.context import PipelineContext
+from pruning.hooks.base import Hook
+
+logger = logging.getLogger(__name__)
+
+
+class GgufHook(Hook):
+    """Writes ``<output dir>/gguf/<name>-<dtype>.gguf`` after the checkpoint is saved.
+
+    Params: ``dtype`` (``f16``, ``bf16``, ``f32`` or ``q8_0``) and ``filename`` (default from the run's
+    name and the dtype). The file is written inside the run's staging directory, so it appears with
+    the rest of the run, or not at all.
+    """
+
+    subdir = "gguf"
+
+    def __init__(self, dtype: str = "f16", filename: str | None = None) -> None:
+        from pruning.gguf_export import QTYPES
+
+        if dtype not in QTYPES:
+            raise ValueError(f"dtype must be one of {sorted(QTYPES)}, got {dtype!r}")
+        if filename is not None and (
+            not filename.endswith(".gguf") or "/" in filename or filename.startswith(".")
+        ):
+            raise ValueError(f"filename must be a plain name ending in .gguf, got {filename!r}")
+        self.dtype, self.filename = dtype, filename
+
+    def after_save(self, context: PipelineContext, **kwargs: Any) -> None:
+        """Export the checkpoint just saved."""
+        from pruning.gguf_export import export_gguf
+
+        if context.checkpoint_dir is None:
+            raise RuntimeError("after_save fired without a checkpoint")
+        name = self.filename or f"{context.config.name}-{self.dtype}.gguf"
+        export_gguf(context.checkpoint_dir, context.output_dir / self.subdir / name, dtype=self.dtype)
+        published = context.published_dir or context.output_dir
+        logger.info("  wrote %s", published / self.subdir / name)
