@@ -58,7 +58,7 @@ def prompt_set(tokenizer: Any) -> tuple[torch.Tensor, list[str]]:
 def check_one(label: str, checkpoint: Path, dtype: str, workdir: Path, threads: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     prompts, texts = prompt_set(tokenizer)
     windows = evaluation_windows(str(TEXT), tokenizer, WINDOW, PPL_TOKENS)
     model = load_pruned_model(checkpoint, dtype=torch.float32)

@@ -55,13 +55,15 @@ def pre_tokenizer(tokenizer: Any) -> str:
 
 def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> None:
     """Tokens, their types, merges or scores, special ids and the chat template."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     if not (checkpoint / "tokenizer.json").is_file():
         raise UserError(
             f"{checkpoint}: no tokenizer.json; the GGUF needs the tokenizer (save it with the model)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    # tokenizer.json as written, without the model config: a pruned checkpoint's config names modeling
+    # code (which must not be run or prompted for), and a family's tokenizer class may add tokens.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     model = _tokenizer_model(checkpoint)
     if model == "gpt2":
         tokens, types = _byte_level_tokens(tokenizer, vocab_size)

@@ -27,10 +27,20 @@ def available() -> bool:
     return True
 
 
+GGML_TYPE_F32 = 0  # llama.cpp's KV cache is f16 by default; checks keep it f32 so only the weights differ
+
+
 class LlamaCppModel:
     """One GGUF loaded on the CPU with every position's logits kept (what perplexity needs)."""
 
-    def __init__(self, path: str | os.PathLike[str], n_ctx: int = 512, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        n_ctx: int = 512,
+        threads: int | None = None,
+        *,
+        f32_cache: bool = True,
+    ) -> None:
         try:
             from llama_cpp import Llama
         except ImportError as e:
@@ -47,6 +57,8 @@ class LlamaCppModel:
             n_ubatch=n_ctx,
             n_threads=threads or os.cpu_count() or 1,
             logits_all=True,
+            type_k=GGML_TYPE_F32 if f32_cache else None,
+            type_v=GGML_TYPE_F32 if f32_cache else None,
             verbose=False,
         )
 

@@ -249,7 +249,7 @@ def test_llamacpp_logits_equal_transformers(tmp_path: Path, arch: str, plan_kind
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
             assert int(got[-1].argmax()) == int(want[-1].argmax())
         text = "The quick brown fox"
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint, trust_remote_code=False)
         assert runner.tokenize(text) == tokenizer.encode(text, add_special_tokens=False)
     finally:
         runner.close()
