@@ -3,9 +3,12 @@
 A pruned layer has its own head count and intermediate size, which a stock config cannot express, so
 ``config.json`` keeps the dense top-level values and adds ``pruning_layout`` (``pruning.families.layout``):
 per-layer lists of ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size``, 0 meaning
-the block (and the norms serving it) was removed. Loading builds the stock architecture on the ``meta``
-device, shrinks it to the layout with the same slicing surgery uses, and assigns the stored tensors, so
-the dense size is never allocated. Pickles are never loaded unless the caller says it trusts the file.
+the block (and the norms serving it) was removed. Such a checkpoint also carries the modeling code that
+builds it, so that transformers loads it with ``trust_remote_code=True``; a model whose layers all have
+the same sizes gets a stock config instead (``pruning.checkpoint_config``, docs/checkpoint-format.md).
+Loading builds the stock architecture on the ``meta`` device, shrinks it to the layout with the same
+slicing surgery uses, and assigns the stored tensors, so the dense size is never allocated. Pickles are
+never loaded unless the caller says it trusts the file.
 """
 
 from __future__ import annotations
@@ -23,13 +26,23 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from pruning.checkpoint_config import (
+    PRUNED_ARCHITECTURE,
+    REMOTE_CODE_FILE,
+    loader_config,
+    pruned_format,
+    stock_format,
+    uniform_sizes,
+    write_remote_code,
+)
 from pruning.errors import UserError
 from pruning.families import adapter_for
-from pruning.families.layout import LAYOUT_KEY, Layout
+from pruning.families.layout import LAYOUT_KEY, Layout, stock_model_type
 from pruning.fsutil import current_umask
 from pruning.jsonio import read_json_object
 from pruning.shards import SAFETENSORS_DTYPES
@@ -66,7 +79,11 @@ def save_pruned_model(
     max_shard_size: str | int = "50GB",
     weights_dir: Path | None = None,
 ) -> Path:
-    """Write weights (safetensors), config with ``pruning_layout``, generation config and tokenizer.
+    """Write weights (safetensors), config, generation config and tokenizer.
+
+    ``config.json`` is a stock config when every layer has the same sizes and no block is gone, else
+    the pruned format (``pruning_layout``) with ``modeling_pruned.py`` beside it, for
+    ``from_pretrained(..., trust_remote_code=True)``; see ``pruning.checkpoint_config``.
 
     Everything goes to a hidden sibling directory that is renamed to ``out_dir`` only when complete, so
     an interrupted run never leaves a directory that looks like a finished checkpoint. Before the rename
@@ -84,12 +101,7 @@ def save_pruned_model(
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             _save_configs(model, tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config[LAYOUT_KEY] = pruned_layout(
-            model
-        ).to_json()  # fresh from the weights, even if config had an old one
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         stray = [p.name for p in tmp.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -116,6 +128,57 @@ def _save_configs(model: nn.Module, directory: Path) -> None:
     config.save_pretrained(directory)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
+
+
+def _write_config(model: nn.Module, directory: Path) -> None:
+    """Rewrite ``config.json`` in the format the model's shapes call for, sizes fresh from the weights
+    (a config loaded from an older checkpoint may carry an old layout).
+
+    The stock format is written only when the family's stock classes, built from it, have exactly the
+    model's shapes: a config class may refuse a head count that does not divide ``hidden_size`` (Llama,
+    Gemma), and such a model keeps the pruned format, which needs ``trust_remote_code``.
+    """
+    path = directory / "config.json"
+    config = read_json_object(path)
+    adapter = adapter_for(model.config)
+    layout, head_dim = pruned_layout(model), adapter.head_dim(model.config)
+    sizes = uniform_sizes(layout)
+    written = None
+    if sizes is not None:
+        candidate = stock_format(config, sizes, head_dim)
+        problem = _stock_problem(model, candidate)
+        if problem is None:
+            written = candidate
+            if written.get("architectures") == [PRUNED_ARCHITECTURE]:  # a model loaded with the shipped code
+                written["architectures"] = [type(build_pruned_skeleton(written)).__name__]
+        else:
+            logger.warning(
+                "every layer has the same sizes, but %s; writing the pruned format, which transformers "
+                "loads with trust_remote_code=True",
+                problem,
+            )
+    code = directory / REMOTE_CODE_FILE
+    if written is None:
+        written = pruned_format(config, layout, adapter, head_dim)
+        write_remote_code(directory, stock_model_type(written["model_type"]))
+    elif code.exists():  # save_pretrained of a model loaded with the shipped code copies that code
+        code.unlink()
+    path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+
+
+def _stock_problem(model: nn.Module, config: dict[str, Any]) -> str | None:
+    """Why the family's stock classes would not build the model from this stock config (None: they do)."""
+    try:
+        skeleton = build_pruned_skeleton(config)
+    except (ValueError, TypeError, UserError, StrictDataclassError) as e:  # what config validation raises
+        detail = str(e).strip().splitlines()
+        return f"transformers refuses the stock config ({detail[-1].strip() if detail else type(e).__name__})"
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    built = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    differ = sorted(name for name in expected.keys() | built.keys() if expected.get(name) != built.get(name))
+    if differ:
+        return f"the stock classes build {differ[0]} as {built.get(differ[0])}, not {expected.get(differ[0])}"
+    return None
 
 
 def _apply_umask(directory: Path) -> None:
@@ -147,24 +210,52 @@ def verify_saved(model: nn.Module, directory: Path) -> None:
             problems.append(
                 f"{name}: {info.dtype}{list(info.shape)} on disk, {tensor.dtype}{list(tensor.shape)}"
             )
-    saved_layout = read_json_object(directory / "config.json").get(LAYOUT_KEY)
-    if saved_layout != pruned_layout(model).to_json():
-        problems.append(f"config.json {LAYOUT_KEY} differs from the model's shapes")
+    problems += _config_problems(model, directory)
     if problems:
         raise RuntimeError(f"saved checkpoint differs from the model in memory: {problems[:5]}")
-    logger.info("saved %d tensors and the layout, checked against the model in memory", len(stored))
+    logger.info("saved %d tensors and the layer sizes, checked against the model in memory", len(stored))
+
+
+def _config_problems(model: nn.Module, directory: Path) -> list[str]:
+    """``config.json`` gives every layer the model's sizes (from its layout, or the top-level sizes of a
+    stock config), its head width and family; a layout comes with the code that builds it."""
+    saved = read_json_object(directory / "config.json")
+    adapter = adapter_for(model.config)
+    problems = []
+    try:
+        sizes = Layout.of(adapter.layer_sizes(saved))
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"config.json has no readable layer sizes: {e}"]
+    if sizes != pruned_layout(model):
+        problems.append("config.json's layer sizes differ from the model's shapes")
+    if adapter.head_dim(saved) != adapter.head_dim(model.config):
+        problems.append(
+            f"config.json head_dim {adapter.head_dim(saved)}, the model's {adapter.head_dim(model.config)}"
+        )
+    if stock_model_type(saved.get("model_type")) != stock_model_type(model.config.model_type):
+        problems.append(
+            f"config.json model_type {saved.get('model_type')!r}, the model's {model.config.model_type!r}"
+        )
+    if saved.get(LAYOUT_KEY) and not (directory / REMOTE_CODE_FILE).is_file():
+        problems.append(f"config.json has a {LAYOUT_KEY} but {REMOTE_CODE_FILE} is missing")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------- skeleton
 
 
 def _as_config(config: Mapping[str, Any] | PretrainedConfig) -> PretrainedConfig:
+    """The family's stock config class: a pruned checkpoint's ``pruned_<type>`` (or the shipped code's
+    config object) is read as ``<type>`` with its layout, which this package's surgery builds."""
     if isinstance(config, PretrainedConfig):
-        return config
-    model_type = config.get("model_type")
+        if stock_model_type(config.model_type) == config.model_type:
+            return config
+        config = config.to_dict()
+    data = loader_config(config)
+    model_type = data.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise UserError(f"config has unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(dict(config))
+        raise UserError(f"config has unknown model_type {config.get('model_type')!r}")
+    return CONFIG_MAPPING[model_type].from_dict(data)
 
 
 def _materialize(model: nn.Module, device: str | torch.device) -> None:

@@ -124,13 +124,14 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str, refuse_streaming: str 
     if not Path(path).exists() and looks_like_hub_id(path):
         path = hub_snapshot(path, cfg.trust_pickle)
         check_source_weights(path, read_model_config(path), cfg.trust_pickle)
+    # Before transformers reads it: a pruned checkpoint's config names modeling code to run.
+    if read_model_config(path).get(LAYOUT_KEY):
+        raise UserError(f"model.path: {path} is already pruned; prune the original model instead")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot read the config of {path!r}: {str(e).splitlines()[0]}") from e
     check_supported(config)
-    if getattr(config, LAYOUT_KEY, None):
-        raise UserError(f"model.path: {path} is already pruned; prune the original model instead")
     dtype = getattr(torch, cfg.dtype)
     try:
         skeleton = build_skeleton(config, dtype)

@@ -161,7 +161,9 @@ def test_layout_round_trips_through_json() -> None:
 def test_a_layout_the_dense_model_cannot_shrink_to_is_refused(tmp_path: Path) -> None:
     """Two heads over two KV heads parses, but a layer of 4 heads over 2 cannot lose heads and keep its
     KV heads: surgery removes whole groups."""
-    out = save_pruned_model(tiny_model("llama_gqa"), None, tmp_path / "m")
+    model = tiny_model("llama_gqa")
+    apply_plan(model, make_plan(model))  # layers differ, so config.json has a layout; layer 4 is whole
+    out = save_pruned_model(model, None, tmp_path / "m")
     config = json.loads((out / "config.json").read_text())
     config["pruning_layout"]["num_attention_heads"][4] = 2
     (out / "config.json").write_text(json.dumps(config))
@@ -336,7 +338,9 @@ def test_no_module_outside_the_adapters_names_a_projection_or_a_norm() -> None:
     package = Path(pruning.__file__).parent
     found = []
     for path in sorted(package.rglob("*.py")):
-        if path.parent.name == "families":
+        if path.parent.name in ("families", "remote_code"):
+            # remote_code ships inside checkpoints and cannot import the adapters; it reads the block
+            # names from config.json, written from the adapters (tests/test_remote_code.py)
             continue
         tree = ast.parse(path.read_text())
         docs = _docstrings(tree)

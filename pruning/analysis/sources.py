@@ -21,7 +21,7 @@ from pruning.analysis import shape_rules
 from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
 from pruning.errors import UserError
 from pruning.families import FAMILIES, GENERIC_FAMILY, FamilyAdapter
-from pruning.families.layout import LAYOUT_KEY, Layout
+from pruning.families.layout import LAYOUT_KEY, Layout, stock_model_type
 from pruning.jsonio import read_json_object
 from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
 from pruning.weight_files import (
@@ -333,7 +333,7 @@ def _inventory(
         raise UserError("no decoder layers found (expected parameters named like 'model.layers.0....')")
     return Inventory(
         shapes=shapes,
-        model_type=str(config.model_type),
+        model_type=str(stock_model_type(config.model_type)),  # pruned_llama counts as llama does
         hidden_size=int(config.hidden_size),
         head_dim=int(head_dim),
         num_layers=int(num_layers),

@@ -15,7 +15,7 @@ from pruning.errors import UserError
 from pruning.families.base import ATTENTION, KINDS, MLP, FamilyAdapter, LayerGeometry, OwnedSlice
 from pruning.families.gemma2 import Gemma2Family
 from pruning.families.gemma3 import Gemma3Family
-from pruning.families.layout import LAYOUT_KEY, Layout
+from pruning.families.layout import LAYOUT_KEY, Layout, stock_model_type
 from pruning.families.llama import LlamaFamily
 from pruning.families.mistral import MistralFamily
 from pruning.families.phi3 import Phi3Family
@@ -74,7 +74,11 @@ class FamilyRegistry:
         return sorted(set(self._adapters) | plugins)
 
     def get(self, model_type: Any) -> FamilyAdapter | None:
-        """The adapter for ``model_type``, loading a plugin that declares it; None when there is none."""
+        """The adapter for ``model_type``, loading a plugin that declares it; None when there is none.
+
+        A pruned checkpoint's ``pruned_<type>`` (``pruning.families.layout``) gets the adapter of ``<type>``.
+        """
+        model_type = stock_model_type(model_type)
         if not isinstance(model_type, str):
             return None
         if model_type not in self._adapters:
@@ -136,6 +140,7 @@ def adapter_for(config: Any) -> FamilyAdapter:
 
 
 def check_supported(config: Any) -> str:
-    """The config's model_type, or a UserError naming the supported ones."""
+    """The config's stock model_type (``llama`` for ``pruned_llama``), or a UserError naming the
+    supported ones."""
     adapter_for(config)
-    return str(_model_type(config))
+    return str(stock_model_type(_model_type(config)))

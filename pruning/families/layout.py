@@ -4,6 +4,9 @@ A pruned layer has its own head count and intermediate size, which a stock confi
 the top-level values stay those of the dense model and this entry lists, per layer, what is left (0:
 the block was removed, with the norms that served it). ``Layout.parse`` is the only reader; everything
 that meets a layout (checkpoint loading, config-only analysis, safetensors checks) goes through it.
+A checkpoint whose layers differ also names its own ``model_type``, ``pruned_<stock type>``, so that
+transformers asks for ``trust_remote_code`` and runs the modeling code shipped with it
+(docs/checkpoint-format.md); ``stock_model_type`` is how this package reads the family back.
 Torch-free, so config-only analysis stays fast.
 """
 
@@ -16,6 +19,7 @@ from typing import Any
 LAYOUT_KEY = "pruning_layout"
 LAYOUT_VERSION = 1
 MAX_LAYERS = 10_000  # the deepest published LLMs have a few hundred; keeps per-layer lists finite
+PRUNED_TYPE_PREFIX = "pruned_"  # model_type of a checkpoint with a layout: pruned_llama, pruned_qwen3, ...
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,11 @@ def layout_in(config: Mapping[str, Any]) -> Layout | None:
     if not data:
         return None
     return Layout.parse(data, int(config["num_hidden_layers"]))
+
+
+def stock_model_type(model_type: Any) -> Any:
+    """The transformers model_type a pruned checkpoint's type stands for (``pruned_llama`` -> ``llama``);
+    any other value unchanged. The family, its adapter and its stock classes are those of this type."""
+    if isinstance(model_type, str) and model_type.startswith(PRUNED_TYPE_PREFIX):
+        return model_type[len(PRUNED_TYPE_PREFIX) :]
+    return model_type
