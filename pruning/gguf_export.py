@@ -59,7 +59,15 @@ FILE_TYPES = {
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
-REAL, ZERO, NONE = "real", "zero", "none"  # a block as written: its weights, a zero stand-in, or absent
+REAL, ZERO, NONE = "real", "zero", "none"
+# llama.cpp's tensors of each block; the adapter's ``gguf_names`` says which module each one is
+ATTENTION_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
+MLP_TENSORS = (
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)  # a block as written: its weights, a zero stand-in, or absent
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class _Plan:
         self.reader, self.qtype, self.entries = reader, qtype, []
 
     def stored(self, gguf_name: str, name: str, *, permute_heads: int = 0) -> None:
+        if name not in self.reader.where:
+            raise UserError(f"the checkpoint has no tensor {name}, which the GGUF needs for {gguf_name}")
         shape = self.reader.where[name][1].shape
 
         def produce() -> torch.Tensor:
@@ -205,34 +215,24 @@ def _tensor_plan(
     plan.stored("token_embd.weight", adapter.embedding)
     for idx, layer in enumerate(layers):
         prefix, blk = f"model.layers.{idx}.", f"blk.{idx}."
-        if layer.attention == REAL:
-            plan.stored(blk + "attn_norm.weight", prefix + "input_layernorm.weight")
-            for proj, gguf_name, heads in (("q", "attn_q", layer.n_head), ("k", "attn_k", layer.n_head_kv)):
-                plan.stored(
-                    f"{blk}{gguf_name}.weight", f"{prefix}self_attn.{proj}_proj.weight", permute_heads=heads
-                )
-                if f"{prefix}self_attn.{proj}_proj.bias" in reader.where:
-                    plan.stored(
-                        f"{blk}{gguf_name}.bias", f"{prefix}self_attn.{proj}_proj.bias", permute_heads=heads
-                    )
-            for proj, gguf_name in (("v", "attn_v"), ("o", "attn_output")):
-                plan.stored(f"{blk}{gguf_name}.weight", f"{prefix}self_attn.{proj}_proj.weight")
-                if f"{prefix}self_attn.{proj}_proj.bias" in reader.where:
-                    plan.stored(f"{blk}{gguf_name}.bias", f"{prefix}self_attn.{proj}_proj.bias")
-        elif layer.attention == ZERO:
+        rotary = {"attn_q": layer.n_head, "attn_k": layer.n_head_kv}  # rows permuted per head
+        for kind, names in ((layer.attention, ATTENTION_TENSORS), (layer.mlp, MLP_TENSORS)):
+            if kind != REAL:
+                continue
+            for short in names:
+                path = prefix + adapter.gguf_names[short]
+                for suffix in ("weight", "bias"):
+                    if suffix == "weight" or f"{path}.{suffix}" in reader.where:
+                        heads = rotary.get(short, 0)
+                        plan.stored(f"{blk}{short}.{suffix}", f"{path}.{suffix}", permute_heads=heads)
+        if layer.attention == ZERO:
             q_rows = layer.n_head * head_dim
             plan.zeros(blk + "attn_norm.weight", (hidden,), 1.0)
             plan.zeros(blk + "attn_q.weight", (q_rows, hidden))
             plan.zeros(blk + "attn_k.weight", (head_dim, hidden))
             plan.zeros(blk + "attn_v.weight", (head_dim, hidden))
             plan.zeros(blk + "attn_output.weight", (hidden, q_rows))
-        if layer.mlp == REAL:
-            plan.stored(blk + "ffn_norm.weight", prefix + "post_attention_layernorm.weight")
-            for proj, gguf_name in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
-                plan.stored(f"{blk}{gguf_name}.weight", f"{prefix}mlp.{proj}_proj.weight")
-                if f"{prefix}mlp.{proj}_proj.bias" in reader.where:
-                    plan.stored(f"{blk}{gguf_name}.bias", f"{prefix}mlp.{proj}_proj.bias")
-        elif layer.mlp == ZERO:
+        if layer.mlp == ZERO:
             plan.zeros(blk + "ffn_norm.weight", (hidden,), 1.0)
             plan.zeros(blk + "ffn_gate.weight", (1, hidden))
             plan.zeros(blk + "ffn_up.weight", (1, hidden))
@@ -242,7 +242,7 @@ def _tensor_plan(
         plan.stored("output.weight", adapter.lm_head)
     factors = llama3_rope_factors(config, head_dim)
     if factors is not None:
-        plan.computed("rope_freqs.weight", factors)
+        plan.computed(f"{adapter.gguf_buffers[0]}.weight", factors)  # llama.cpp's rotary factors
     return plan
 
 
