@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pruning.errors import UserError
@@ -101,11 +101,14 @@ def select_uniform(
     shape: KeptShape,
     min_kv_groups: int,
     min_channels: int,
+    stock_accepts: Callable[[int], bool] = lambda kept_groups: True,
 ) -> list:
     """One count of KV groups and one of channels for every layer; each layer loses its lowest-ranked.
 
     ``free_selection`` is the unconstrained global selection: its share of attention decides how many KV
-    groups every layer loses, and the channels then make up the rest of the target.
+    groups every layer loses, and the channels then make up the rest of the target. ``stock_accepts``
+    says whether the family's stock config takes a kept group count (transformers' Llama and Gemma
+    configs refuse a hidden size that is no multiple of the head count, even with ``head_dim`` set).
     """
     first = costs[0]
     if any(lc != first for lc in costs):
@@ -122,6 +125,10 @@ def select_uniform(
             f"pruning.heads_multiple_of: {shape.heads_multiple_of} cannot divide the query heads of any "
             f"kept count of {groups} KV groups of {group_size} heads"
         )
+    refused = [k for k in feasible if not stock_accepts(k)]
+    feasible = [k for k in feasible if k not in refused]
+    if refused:
+        logger.info("pruning.uniform: the stock config refuses %s kept KV groups per layer", refused)
     # Nearest allowed count first, then fewer groups (the channels may not make up the target alone).
     for kept_groups in sorted(feasible, key=lambda k: (abs(k - wanted_groups), k)):
         attention_cost = layers * (groups - kept_groups) * first.kv_group_cost

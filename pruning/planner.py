@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -192,7 +193,10 @@ def plan_global(
     if shape.uniform:
         if protected:
             raise UserError("pruning.uniform cannot keep protected_layers whole: every layer gets one size")
-        removed = select_uniform(ranked, removed, costs, target, shape, min_kv_groups, min_channels)
+        accepts = partial(_stock_config_accepts, model.config, costs[0].geometry.group_size, head_dim)
+        removed = select_uniform(
+            ranked, removed, costs, target, shape, min_kv_groups, min_channels, stock_accepts=accepts
+        )
     elif not shape.is_free:
         minimum = {ATTENTION: min_kv_groups, MLP: min_channels}
         removed = round_per_layer(ranked, removed, costs, shape, minimum)
@@ -201,6 +205,22 @@ def plan_global(
         return plan
     extra = {**plan.extra, "shape": asdict(shape)}
     return replace(plan, extra=extra)
+
+
+def _stock_config_accepts(config: object, group_size: int, head_dim: int, kept_groups: int) -> bool:
+    """Whether the family's own config class takes these head counts (what a uniform checkpoint's stock
+    config.json will hold); transformers validates some combinations away."""
+    values = {
+        **config.to_dict(),
+        "num_attention_heads": kept_groups * group_size,
+        "num_key_value_heads": kept_groups,
+        "head_dim": head_dim,
+    }
+    try:
+        type(config)(**values)
+    except Exception:  # the config class's validation: ValueError, or huggingface_hub's strict-dataclass error
+        return False
+    return True
 
 
 def _build_plan(

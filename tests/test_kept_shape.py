@@ -133,3 +133,37 @@ def test_minimum_that_is_no_multiple_is_refused() -> None:
 def test_bad_multiples_are_rejected() -> None:
     with pytest.raises(ValueError, match="multiple_of"):
         KeptShape(multiple_of=0)
+
+
+def test_uniform_keeps_only_head_counts_the_stock_config_accepts() -> None:
+    """transformers' LlamaConfig refuses a hidden size that is no multiple of the head count (even with
+    head_dim set), so a uniform Llama never keeps 4 of 5 heads with hidden 90; Mistral's config takes it."""
+    from transformers import MistralConfig
+
+    from pruning.planner import _stock_config_accepts
+
+    config = LlamaConfig(hidden_size=90, num_attention_heads=5, num_key_value_heads=5, head_dim=16)
+    assert [k for k in range(1, 6) if _stock_config_accepts(config, 1, 16, k)] == [1, 2, 3, 5]
+    mistral = MistralConfig(hidden_size=90, num_attention_heads=5, num_key_value_heads=5, head_dim=16)
+    assert _stock_config_accepts(mistral, 1, 16, 4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=90,
+            intermediate_size=64,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            head_dim=16,
+            num_hidden_layers=2,
+            vocab_size=64,
+        )  # fmt: skip
+    ).eval()
+    gen = torch.Generator().manual_seed(1)
+    # attention nearly worthless: the free plan would keep about 4 heads per layer, uniform may not
+    scores = StructureScores(
+        attention=[torch.tensor([1e-9, 1.0, 1.0, 1.0, 1.0]) for _ in range(2)],
+        mlp=[torch.rand(64, generator=gen) for _ in range(2)],
+        common_scale=True,
+    )
+    plan = plan_global(model, scores, 0.05, shape=KeptShape(uniform=True))
+    assert {len(lp.keep_kv_groups) for lp in plan.layers} <= {1, 2, 3, 5}
