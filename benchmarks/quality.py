@@ -104,6 +104,12 @@ OURS: list[tuple[str, dict[str, Any]]] = [
     # --methods can pick them
     ("ours: obs_fisher + refit + obs selection; mix 80/10/10; 128x256", {**_OBS_FISHER, **_mix(0.8, 0.1)}),
     ("ours: obs_fisher + refit + obs selection; mix 90/5/5; 128x256", {**_OBS_FISHER, **_mix(0.9, 0.05)}),
+    # the default with one size for every layer (a stock config): what serving anywhere costs
+    ("ours: default; uniform", {**_OBS_FISHER, **_mix(0.9, 0.05), "pruning.uniform": True}),
+    (
+        "ours: default; uniform; channels multiple of 64",
+        {**_OBS_FISHER, **_mix(0.9, 0.05), "pruning.uniform": True, "pruning.multiple_of": 64},
+    ),
 ]
 REFERENCES = ("random", "magnitude_uniform", "torch_pruning", "wanda_sp_uniform", "llm_pruner_taylor", "flap")
 DENSE = "dense"

@@ -218,7 +218,7 @@ def _stock_config_accepts(config: object, group_size: int, head_dim: int, kept_g
     }
     try:
         type(config)(**values)
-    except Exception:  # the config class's validation: ValueError, or huggingface_hub's strict-dataclass error
+    except Exception:  # the config's own validation: ValueError, or huggingface_hub's strict-dataclass error
         return False
     return True
 
