@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -131,3 +132,31 @@ def remove_tree(path: Path) -> None:
             else:
                 os.rmdir(child)
     path.rmdir()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write a temporary file beside ``path``, then rename: readers see the old file or the whole new one.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600. A
+    path that cannot be written (read-only, a file on the way, a name too long) is the user's error.
+    """
+    from pruning.errors import UserError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        code = disk_errno(e)
+        reason = DISK_ERRNOS[code] if code is not None else (e.strerror or str(e)).lower()
+        raise UserError(f"{path}: cannot write here: {reason}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -9,7 +9,9 @@ whose count is 0. Two layouts that graph cannot run as written get an exact stan
 - a removed attention block in layer 0: llama.cpp derives the head width from layer 0's head count,
   so layer 0 gets one KV group whose weights are all zero (the attention then outputs exactly 0);
 - a removed MLP block in a layer that keeps attention: the ``deci`` graph skips the whole rest of such
-  a layer, attention output included, so the layer gets one MLP channel whose weights are zero.
+  a layer, attention output included, so the layer gets one MLP channel whose weights are zero;
+- a last layer with nothing left: the graph picks the output rows inside the last layer, and skipping
+  it aborts llama.cpp, so it gets the zero MLP channel too.
 
 Weights. Query and key rows are permuted from transformers' half-split rotary layout to llama.cpp's
 interleaved one (what its converter does for Llama). Norms and biases stay float32; 2-D weights take
@@ -59,6 +61,7 @@ FILE_TYPES = {
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
+ROPE_TYPES = ("default", "linear", "llama3")
 REAL, ZERO, NONE = "real", "zero", "none"
 # llama.cpp's tensors of each block; the adapter's ``gguf_names`` says which module each one is
 ATTENTION_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
@@ -93,7 +96,7 @@ def gguf_layers(sizes: list[LayerSizes], group_size: int) -> list[GgufLayer]:
             attention, heads, kv = NONE, 0, 0
         if s.intermediate_size:
             mlp, ff = REAL, s.intermediate_size
-        elif attention != NONE:
+        elif attention != NONE or idx == len(sizes) - 1:
             mlp, ff = ZERO, 1
         else:
             mlp, ff = NONE, 0
@@ -162,12 +165,8 @@ def export_gguf(
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} has no config.json")
     config = read_json_object(checkpoint / "config.json")
+    check_exportable(config, str(checkpoint))
     adapter = adapter_for(config)
-    if adapter.name not in SUPPORTED_FAMILIES:
-        raise UserError(
-            f"{checkpoint}: GGUF export writes {', '.join(SUPPORTED_FAMILIES)} models (llama.cpp's llama and "
-            f"deci graphs); {adapter.name} is not one of them"
-        )
     sizes = adapter.layer_sizes(config)
     head_dim = adapter.head_dim(config)
     dense = adapter.dense_sizes(config)
@@ -194,12 +193,38 @@ def export_gguf(
         for entry in plan.entries:
             writer.write_tensor_data(_encode(entry.produce(), entry.qtype))
         writer.close()
-        os.replace(partial, out)
+        _publish(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     logger.info("wrote %s (%s, %s, %d tensors)", out, arch, dtype, len(plan.entries))
     return out
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Give the finished file its name unless something took the name meanwhile (a hard link fails on
+    an existing name, where a rename would replace it)."""
+    try:
+        os.link(partial, out)
+    except FileExistsError as e:
+        raise UserError(f"{out} appeared while the export ran; it was left alone") from e
+    partial.unlink()
+
+
+def check_exportable(config: Mapping[str, Any], source: str = "the model") -> None:
+    """Refuse, before any work, what the export cannot write: the family and the rotary scaling."""
+    adapter = adapter_for(config)
+    if adapter.name not in SUPPORTED_FAMILIES:
+        raise UserError(
+            f"{source}: GGUF export writes {', '.join(SUPPORTED_FAMILIES)} models (llama.cpp's llama and "
+            f"deci graphs); {adapter.name} is not one of them"
+        )
+    rope = _rope(config)
+    if rope["rope_type"] not in ROPE_TYPES:
+        raise UserError(
+            f"{source}: rotary scaling {rope['rope_type']!r} is not written by the GGUF export "
+            f"({', '.join(ROPE_TYPES)} are)"
+        )
 
 
 def _tensor_plan(
@@ -238,8 +263,8 @@ def _tensor_plan(
             plan.zeros(blk + "ffn_up.weight", (1, hidden))
             plan.zeros(blk + "ffn_down.weight", (hidden, 1))
     plan.stored("output_norm.weight", adapter.final_norm)
-    if adapter.lm_head in reader.where and not adapter.tied_embeddings(config):
-        plan.stored("output.weight", adapter.lm_head)
+    if not adapter.tied_embeddings(config):
+        plan.stored("output.weight", adapter.lm_head)  # refused if missing: llama.cpp would reuse token_embd
     factors = llama3_rope_factors(config, head_dim)
     if factors is not None:
         plan.computed(f"{adapter.gguf_buffers[0]}.weight", factors)  # llama.cpp's rotary factors
@@ -285,11 +310,6 @@ def _write_metadata(
     checkpoint: Path,
 ) -> None:
     rope = _rope(config)
-    if rope["rope_type"] not in ("default", "linear", "llama3"):
-        raise UserError(
-            f"{checkpoint}: rotary scaling {rope['rope_type']!r} is not written by this export "
-            "(default, linear and llama3 are)"
-        )
     per_layer = arch == "deci"
     writer.add_name(str(config.get("_name_or_path") or checkpoint.name))
     writer.add_context_length(int(adapter.value(config, "max_position_embeddings")))

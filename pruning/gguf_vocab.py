@@ -11,7 +11,9 @@ fall back to llama.cpp's ``default`` with a warning for any other tokenizer.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +90,18 @@ def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> N
 
 
 def _tokenizer_model(checkpoint: Path) -> str:
-    import json
-
     data = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
-    model = data.get("model", {})
+    return tokenizer_model_of(data, f"{checkpoint}/tokenizer.json")
+
+
+def tokenizer_model_of(tokenizer_json: Mapping[str, Any], source: str) -> str:
+    """``gpt2`` (byte-level BPE) or ``llama`` (BPE with byte fallback) for a tokenizer.json's content;
+    anything else is refused, naming ``source``."""
+    model = tokenizer_json.get("model", {})
     if model.get("type") != "BPE":
         raise UserError(
-            f"{checkpoint}/tokenizer.json: a {model.get('type')} tokenizer; the GGUF export writes BPE "
-            "tokenizers (byte-level or with byte fallback)"
+            f"{source}: a {model.get('type')} tokenizer; the GGUF export writes BPE tokenizers (byte-level "
+            "or with byte fallback)"
         )
     return "llama" if model.get("byte_fallback") else "gpt2"
 

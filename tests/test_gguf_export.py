@@ -19,6 +19,7 @@ from pruning.errors import UserError
 from pruning.families.layout import LayerSizes
 from pruning.gguf_export import NONE, REAL, ZERO, export_gguf, gguf_layers, rotary_permute
 from pruning.kept_shape import KeptShape
+from pruning.plan import LayerPlan, PruningPlan
 from pruning.planner import plan_global
 from pruning.surgery import apply_plan
 from tests.test_pipeline import prune
@@ -32,6 +33,14 @@ def saved(tmp_path: Path, arch: str, plan_kind: str = "nonuniform") -> Path:
     model = tiny_model(arch, vocab_size=VOCAB)
     if plan_kind == "nonuniform":
         apply_plan(model, make_plan(model))
+    elif plan_kind == "last_empty":  # llama.cpp picks the output rows in the last layer: it must run
+        plan = make_plan(model)
+        last = plan.layers[-1]
+        emptied = LayerPlan(
+            last.layer_idx, last.num_kv_groups, last.num_channels,
+            tuple(range(last.num_kv_groups)), tuple(range(last.num_channels)),
+        )  # fmt: skip
+        apply_plan(model, PruningPlan(layers=(*plan.layers[:-1], emptied)))
     elif plan_kind == "uniform":
         scores = random_scores_for(model)
         apply_plan(model, plan_global(model, scores, 0.2, shape=KeptShape(uniform=True)))
@@ -65,6 +74,7 @@ def test_layers_get_zero_stand_ins_only_where_llamacpp_cannot_skip() -> None:
         LayerSizes(0, 0, 0),  # both gone: skipped entirely
         LayerSizes(0, 0, 7),  # attention gone past layer 0: skipped
         LayerSizes(2, 1, 5),
+        LayerSizes(0, 0, 0),  # the last layer, empty: a zero channel (llama.cpp picks output rows there)
     ]
     layers = gguf_layers(sizes, group_size=2)
     assert [(g.attention, g.mlp) for g in layers] == [
@@ -73,6 +83,7 @@ def test_layers_get_zero_stand_ins_only_where_llamacpp_cannot_skip() -> None:
         (NONE, NONE),
         (NONE, REAL),
         (REAL, REAL),
+        (NONE, ZERO),
     ]
     assert [(g.n_head, g.n_head_kv, g.n_ff) for g in layers] == [
         (2, 1, 10),
@@ -80,6 +91,7 @@ def test_layers_get_zero_stand_ins_only_where_llamacpp_cannot_skip() -> None:
         (0, 0, 0),
         (0, 0, 7),
         (2, 1, 5),
+        (0, 0, 1),
     ]
 
 
@@ -169,6 +181,29 @@ def test_refusals(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "phi.gguf").exists()
 
 
+def test_a_name_taken_during_the_export_is_left_alone(tmp_path: Path) -> None:
+    from pruning.gguf_export import _publish
+
+    partial, out = tmp_path / ".m.gguf.partial", tmp_path / "m.gguf"
+    partial.write_bytes(b"gguf")
+    out.write_bytes(b"someone else's")
+    with pytest.raises(UserError, match="left alone"):
+        _publish(partial, out)
+    assert out.read_bytes() == b"someone else's"
+
+
+def test_gguf_hook_refuses_a_family_before_pruning(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pruning.hooks.gguf import GgufHook
+
+    context = SimpleNamespace(model=tiny_model("phi3"), model_path="phi", tokenizer=build_tokenizer(VOCAB))
+    with pytest.raises(UserError, match="phi3 is not one of them"):
+        GgufHook().before_prune(context)
+    context.model = tiny_model("llama_gqa")
+    GgufHook().before_prune(context)  # a family it writes passes
+
+
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = saved(tmp_path, "llama_gqa")
     import pruning.gguf_export as module
@@ -235,7 +270,7 @@ def _transformers_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor
 @pytest.mark.llamacpp
 @pytest.mark.skipif(not llamacpp.available(), reason="needs llama-cpp-python (make llamacpp)")
 @pytest.mark.parametrize("arch", ["llama_gqa", "llama_mha", "mistral", "qwen2"])
-@pytest.mark.parametrize("plan_kind", ["nonuniform", "uniform", "dense"])
+@pytest.mark.parametrize("plan_kind", ["nonuniform", "uniform", "dense", "last_empty"])
 def test_llamacpp_logits_equal_transformers(tmp_path: Path, arch: str, plan_kind: str) -> None:
     checkpoint = saved(tmp_path, arch, plan_kind)
     out = export_gguf(checkpoint, tmp_path / "m.gguf", dtype="f32")

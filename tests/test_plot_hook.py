@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from pruning.errors import UserError
+from pruning.fsutil import write_bytes_atomic
 from pruning.hooks import default_registry
 from pruning.hooks.plot import (
     MISSING_MATPLOTLIB,
@@ -20,7 +21,6 @@ from pruning.hooks.plot import (
     figure_size,
     profile_of,
     title_of,
-    write_bytes_atomic,
 )
 from pruning.plan import LayerPlan, PruningPlan
 from tests.test_pipeline import prune

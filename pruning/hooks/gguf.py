@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from pruning.context import PipelineContext
+from pruning.errors import UserError
 from pruning.hooks.base import Hook
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,17 @@ class GgufHook(Hook):
         ):
             raise ValueError(f"filename must be a plain name ending in .gguf, got {filename!r}")
         self.dtype, self.filename = dtype, filename
+
+    def before_prune(self, context: PipelineContext, **kwargs: Any) -> None:
+        """Refuse a model the export cannot write now, not after hours of scoring."""
+        from pruning.gguf_export import check_exportable
+        from pruning.gguf_vocab import tokenizer_model_of
+
+        check_exportable(context.model.config.to_dict(), context.model_path or "the model")
+        backend = getattr(context.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise UserError("hooks: gguf needs a fast tokenizer (tokenizer.json) to write into the GGUF")
+        tokenizer_model_of(json.loads(backend.to_str()), "the model's tokenizer")
 
     def after_save(self, context: PipelineContext, **kwargs: Any) -> None:
         """Export the checkpoint just saved."""

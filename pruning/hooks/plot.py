@@ -12,14 +12,12 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pruning.context import PipelineContext
 from pruning.errors import UserError
-from pruning.fsutil import current_umask
+from pruning.fsutil import write_bytes_atomic
 from pruning.hooks.base import Hook
 from pruning.plan import PruningPlan
 
@@ -177,24 +175,3 @@ class PlotHook(Hook):
         buffer = io.BytesIO()
         self.figure(plan, title).savefig(buffer, format="png", dpi=self.dpi)
         return buffer.getvalue()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write a temporary file beside ``path``, then rename: readers see the old file or the whole new one.
-
-    The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600, as
-    ``pruning.jsonio.write_json_atomic`` does for the reports.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
