@@ -36,7 +36,7 @@ bench-memory: setup   # make bench-memory SHAPE=13b (writes 24.6 GiB of random w
 	$(BIN)/python benchmarks/memory.py --shape $(SHAPE) $(ARGS)
 
 LLAMACPP_VERSION := 0.3.36
-llamacpp: setup   # builds llama.cpp from source through pip (long: see README, Export)
+llamacpp: setup   # builds llama.cpp from source through pip (18.5 minutes on 2 cores: README, Serving the pruned model)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install 'llama-cpp-python==$(LLAMACPP_VERSION)'
 
 gguf-check: llamacpp   # llama.cpp against transformers: tiny models of every exported family, then SmolLM2

@@ -9,7 +9,8 @@ multiples GPU kernels like.
 
 The global ranking still decides: how much each kind loses (the non-uniform selection's share of
 attention and MLP, spread evenly) and which structures each layer loses (its lowest-ranked ones).
-Rounding only ever removes more, so the target is always reached; the overshoot is logged.
+Rounding only ever removes more, so the target is always reached; the plan's log line gives what was
+removed next to the target.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def select_uniform(
     feasible = [k for k in range(max(min_kv_groups, 1), groups + 1) if shape.groups_ok(k, group_size)]
     if not feasible:
         raise UserError(
-            f"pruning.heads_multiple_of: {shape.heads_multiple_of} cannot divide the query heads of any "
-            f"kept count of {groups} KV groups of {group_size} heads"
+            f"pruning: no kept count of {groups} KV groups (of {group_size} query heads each) is at least "
+            f"min_kv_groups={min_kv_groups} and a multiple of heads_multiple_of={shape.heads_multiple_of} "
+            "in query heads"
         )
     refused = [k for k in feasible if not stock_accepts(k)]
     feasible = [k for k in feasible if k not in refused]

@@ -2,8 +2,8 @@
 transformers: logits of token windows, greedy next tokens, perplexity on the package's protocol.
 
 llama-cpp-python is optional (``pip install 'pruning[llamacpp]'`` builds llama.cpp from source; README,
-"Export"). Token ids go in directly, so these checks compare the networks, not the tokenizers; the
-tokenizer written into the GGUF is compared separately (``tokenize``).
+"Serving the pruned model"). Token ids go in directly, so these checks compare the networks, not the
+tokenizers; the tokenizer written into the GGUF is compared separately (``tokenize``).
 """
 
 from __future__ import annotations

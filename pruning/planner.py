@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
+from transformers import PretrainedConfig
 
 from pruning.errors import UserError
 from pruning.families import ATTENTION, MLP, adapter_for
@@ -169,7 +171,7 @@ def plan_global(
     (``pruning.kept_shape``); rounding removes more, never less, than the target.
 
     ``params_before`` / ``params_target`` / ``params_planned`` are model sizes: now, wanted, and what
-    applying this plan gives (at most one structure below the target size).
+    applying this plan gives (at most one structure below the target size, unless ``shape`` rounds).
     """
     adapter = adapter_for(model.config)
     layers = adapter.decoder_layers(model)
@@ -207,9 +209,10 @@ def plan_global(
     return replace(plan, extra=extra)
 
 
-def _stock_config_accepts(config: object, group_size: int, head_dim: int, kept_groups: int) -> bool:
+def _stock_config_accepts(config: PretrainedConfig, group_size: int, head_dim: int, kept_groups: int) -> bool:
     """Whether the family's own config class takes these head counts (what a uniform checkpoint's stock
-    config.json will hold); transformers validates some combinations away."""
+    config.json will hold); transformers validates some combinations away (Llama: hidden_size must be a
+    multiple of the head count)."""
     values = {
         **config.to_dict(),
         "num_attention_heads": kept_groups * group_size,
@@ -218,7 +221,7 @@ def _stock_config_accepts(config: object, group_size: int, head_dim: int, kept_g
     }
     try:
         type(config)(**values)
-    except Exception:  # the config's own validation: ValueError, or huggingface_hub's strict-dataclass error
+    except (ValueError, TypeError, StrictDataclassError):  # what config validation raises
         return False
     return True
 

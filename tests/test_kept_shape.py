@@ -93,7 +93,7 @@ def test_uniform_with_multiples_gives_a_stock_shape(model: LlamaForCausalLM) -> 
 
 
 def test_impossible_head_multiple_is_refused(model: LlamaForCausalLM) -> None:
-    with pytest.raises(UserError, match="heads_multiple_of"):
+    with pytest.raises(UserError, match="heads_multiple_of=3"):
         plan_global(model, random_scores(), 0.2, shape=KeptShape(uniform=True, heads_multiple_of=3))
 
 
