@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,18 +75,14 @@ def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> N
         writer.add_token_list(tokens)
         writer.add_token_types(types)
     else:
-        vocab = gguf.LlamaHfVocab(checkpoint)
-        entries = list(vocab.all_tokens())
-        if len(entries) > vocab_size:
-            raise UserError(f"{checkpoint}: the tokenizer has {len(entries)} tokens, the model {vocab_size}")
-        entries += [
-            (f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(entries), vocab_size)
-        ]
+        data = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
+        tokens, scores, types = _byte_fallback_tokens(tokenizer, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
-        writer.add_token_list([text for text, _, _ in entries])
-        writer.add_token_scores([score for _, score, _ in entries])
-        writer.add_token_types([kind for _, _, kind in entries])
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_adds_space_prefix(data))
     gguf.SpecialVocab(checkpoint, load_merges=model == "gpt2").add_to_gguf(writer, quiet=True)
 
 
@@ -104,6 +101,40 @@ def tokenizer_model_of(tokenizer_json: Mapping[str, Any], source: str) -> str:
             "or with byte fallback)"
         )
     return "llama" if model.get("byte_fallback") else "gpt2"
+
+
+def _byte_fallback_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """SentencePiece-style BPE (Llama 2, Mistral) for llama.cpp's ``llama`` tokenizer, which merges the
+    pair whose result scores highest. tokenizer.json keeps no scores, but its ids follow the merge
+    order (SentencePiece numbers pieces by score), so a piece's score is minus its id."""
+    tokens, types = _byte_level_tokens(tokenizer, vocab_size)
+    scores = [-float(i) if kind == gguf.TokenType.NORMAL else 0.0 for i, kind in enumerate(types)]
+    # a byte piece is BYTE however the tokenizer lists it (in the vocabulary, or as an added token)
+    types = [
+        gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else kind
+        for text, kind in zip(tokens, types, strict=True)
+    ]
+    return tokens, scores, types
+
+
+def _adds_space_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before the text: a ``Prepend`` normalizer (Llama 2, Mistral) or a
+    ``Metaspace`` pre-tokenizer that prepends (newer exports); llama.cpp must do the same."""
+
+    def parts(entry: Any) -> list[Mapping[str, Any]]:
+        if not isinstance(entry, Mapping):
+            return []
+        return [
+            p for child in entry.get("normalizers", entry.get("pretokenizers", [])) for p in parts(child)
+        ] or [entry]
+
+    for part in parts(tokenizer_json.get("normalizer")):
+        if part.get("type") == "Prepend" and part.get("prepend") == "\u2581":
+            return True
+    return any(
+        part.get("type") == "Metaspace" and part.get("prepend_scheme", "always") != "never"
+        for part in parts(tokenizer_json.get("pre_tokenizer"))
+    )
 
 
 def _byte_level_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:

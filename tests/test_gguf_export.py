@@ -289,3 +289,45 @@ def test_llamacpp_logits_equal_transformers(tmp_path: Path, arch: str, plan_kind
     finally:
         runner.close()
     assert math.isfinite(float(expected.sum()))
+
+
+def byte_fallback_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer: BPE with byte fallback, "▁" for spaces and a prepended "▁"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from tests.tiny_pipeline import WIKI_VALID
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
+    )
+    tok.train_from_iterator([WIKI_VALID.read_text(encoding="utf-8")[:20_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_byte_fallback_tokenizer_is_written_as_llama(tmp_path: Path) -> None:
+    vocab = 400
+    model = tiny_model("mistral", vocab_size=vocab)
+    apply_plan(model, make_plan(model))
+    checkpoint = save_pruned_model(model, byte_fallback_tokenizer(vocab), tmp_path / "m")
+    reader = gguf.GGUFReader(export_gguf(checkpoint, tmp_path / "t.gguf", dtype="f32"))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert tokens[3] == "<0x00>" and types[3] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    scores = fields["tokenizer.ggml.scores"]
+    normal = [s for s, t in zip(scores, types, strict=True) if t == gguf.TokenType.NORMAL]
+    assert normal == sorted(normal, reverse=True) and len(set(normal)) == len(normal)  # merge order
+    if llamacpp.available():
+        runner = llamacpp.LlamaCppModel(tmp_path / "t.gguf", n_ctx=64, threads=1)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+            for text in ("The quick brown fox", "Pruning removes heads; ünïcode falls back to bytes."):
+                assert runner.tokenize(text) == tokenizer.encode(text, add_special_tokens=False), text
+        finally:
+            runner.close()
