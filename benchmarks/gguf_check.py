@@ -13,7 +13,8 @@ transformers (float32, ``pruning.checkpoint.load_pruned_model``):
 - the GGUF's tokenizer against transformers' on the prompts' text.
 
 Token ids go to both engines directly, so the networks are compared, not the tokenizers. Tolerances
-(``TOLERANCE``): perplexity within 0.1% for f32 weights, 1% for f16/bf16, 3% for q8_0. Writes
+(``TOLERANCE``, ``TOKEN_AGREEMENT``): perplexity within 0.1% for f32 weights, 1% for f16/bf16, 3% for
+q8_0; per-position choices agreeing 99.9% / 99% / 98% (bf16) / 90% (q8_0), every last choice for f32. Writes
 ``benchmarks/results/gguf_check.md`` and ``.json``; exits 1 when a check misses its tolerance.
 """
 
@@ -44,7 +45,8 @@ logger = logging.getLogger("gguf_check")
 TEXT = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TOLERANCE = {"f32": 0.001, "f16": 0.01, "bf16": 0.01, "q8_0": 0.03}  # relative perplexity difference
 PROMPTS, PROMPT_LEN, PPL_TOKENS, WINDOW = 32, 64, 4096, 512
-TOKEN_AGREEMENT = 0.98  # share of the 2,048 per-position greedy choices that must agree
+# share of the 2,048 per-position greedy choices that must agree: rounding weights moves near-ties
+TOKEN_AGREEMENT = {"f32": 0.999, "f16": 0.99, "bf16": 0.98, "q8_0": 0.9}
 
 
 def prompt_set(tokenizer: Any) -> tuple[torch.Tensor, list[str]]:
@@ -91,15 +93,21 @@ def check_one(label: str, checkpoint: Path, dtype: str, workdir: Path, threads: 
         "ppl_rel_diff": abs(cpp_ppl - hf_ppl) / hf_ppl,
         "tokenizer_same": same_tokens,
     }
-    row["ok"] = bool(
-        row["ppl_rel_diff"] <= TOLERANCE[dtype]
-        and row["positions_agree"] >= TOKEN_AGREEMENT
-        and (dtype != "f32" or row["last_agree"] == PROMPTS)
-        and row["tokenizer_same"] == PROMPTS
-    )
+    row["ok"] = verdict(row)
     logger.info("%s", row)
     gguf_file.unlink()
     return row
+
+
+def verdict(row: dict[str, Any]) -> bool:
+    """Within tolerance: perplexity, per-position choices, every last choice for f32, the tokenizer."""
+    dtype = row["dtype"]
+    return bool(
+        row["ppl_rel_diff"] <= TOLERANCE[dtype]
+        and row["positions_agree"] >= TOKEN_AGREEMENT[dtype]
+        and (dtype != "f32" or row["last_agree"] == row["prompts"])
+        and row["tokenizer_same"] == row["prompts"]
+    )
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -112,7 +120,9 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"WikiText-2 test, and after each whole prompt. Perplexity: WikiText-2 test, first {PPL_TOKENS:,} "
         f"tokens in {WINDOW}-token windows. Tolerance on perplexity: "
         + ", ".join(f"{k} {v:.1%}" for k, v in TOLERANCE.items())
-        + f"; on per-position choices: {TOKEN_AGREEMENT:.0%} (f32: every last choice too).",
+        + "; on per-position choices: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in TOKEN_AGREEMENT.items())
+        + " (f32: every last choice too).",
         "",
         "| model | weights | GGUF MB | positions agreeing | last token agreeing | ppl transformers "
         "| ppl llama.cpp | difference | tokenizer same | within tolerance |",

@@ -107,6 +107,9 @@ def test_run_record(baseline: SimpleNamespace):
         "protected_layers": [],
         "min_kv_groups": 0,
         "min_channels": 0,
+        "uniform": False,
+        "multiple_of": 1,
+        "heads_multiple_of": 1,
     }
     assert list(record["timings_s"]) == ["load", "tokenize", "score", "plan", "prune", "save"]
     assert record["target_ratio"] == 0.2 and record["ratio_of"] == "total"
