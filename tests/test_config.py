@@ -67,8 +67,15 @@ def test_smollm2_config_values():
         ),
         compensation=CompensationConfig(method="refit", ridge=0.001, selection="obs"),
         pruning=PruningConfig(
-            ratio=0.2, ratio_of="total", importance="obs_fisher", protected_layers=(), min_kv_groups=0
-        ),
+            ratio=0.2,
+            ratio_of="total",
+            importance="obs_fisher",
+            protected_layers=(),
+            min_kv_groups=0,
+            uniform=False,
+            multiple_of=1,
+            heads_multiple_of=1,
+        ),  # fmt: skip
         output=OutputConfig(dir="results/smollm2_0.2", overwrite=False),
         hooks=(
             HookConfig(name="analysis", params={"lang": "en", "verbose": True}, on_error="raise"),
@@ -76,6 +83,7 @@ def test_smollm2_config_values():
                 name="perplexity",
                 params={"text": "data/wikitext-2-raw/wiki.test.raw", "protocol": "quick", "batch_size": 1},
             ),
+            HookConfig(name="plot"),
         ),
         source_file=str(SMOLLM2),
     )
