@@ -495,18 +495,12 @@ def machine() -> dict[str, str]:
 
 
 def versions() -> dict[str, str]:
-    from pruning.run_record import package_versions
+    from pruning.run_record import git_revision, package_versions
 
     found = package_versions(("torch", "transformers", "torch-pruning", "accelerate", "pruning"))
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        if sha.returncode == 0:
-            found["git"] = sha.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    except OSError:
-        pass
+    revision = git_revision(ROOT)
+    if revision:
+        found["git"] = revision
     return found
 
 

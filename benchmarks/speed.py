@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -521,20 +520,14 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from pruning.run_record import package_versions
+    from pruning.run_record import git_revision, package_versions
 
     found = package_versions(("pruning", "torch", "transformers", "safetensors", "numpy", "llama-cpp-python"))
     if found["llama-cpp-python"] == "not installed" and llama_cpp_version():  # importable, no metadata
         found["llama-cpp-python"] = f"{llama_cpp_version()} (llama_cpp.__version__)"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        if sha.returncode == 0:
-            found["git"] = sha.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    except OSError:
-        pass
+    revision = git_revision(ROOT)
+    if revision:
+        found["git"] = revision
     return found
 
 

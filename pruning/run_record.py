@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import resource
+import subprocess
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,6 +50,20 @@ def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
         except PackageNotFoundError:
             found[package] = "not installed"
     return found
+
+
+def git_revision(root: Path) -> str | None:
+    """The checkout's short sha (``+ uncommitted changes`` when dirty); None outside a git checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def _ratio(removed: int, before: int) -> float | None:

@@ -4,10 +4,7 @@ claims, where it claims, and FLAP's compensation is the mean contribution of wha
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -15,23 +12,13 @@ from torch import nn
 
 from pruning.families import adapter_for
 from pruning.modules import ZeroAttention, ZeroMLP
+from tests.benchmark_modules import load_benchmark
 from tests.tiny_models import input_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_references() -> ModuleType:
-    """benchmarks/ is not a package: import the file (registered, so its dataclasses resolve)."""
-    name = "benchmark_references"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "references.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-refs = _load_references()
+refs = load_benchmark("references")
 OURS_SURGERY = ("random", "magnitude_uniform", "wanda_sp_uniform", "llm_pruner_taylor", "flap")
 UNIFORM = ("magnitude_uniform", "wanda_sp_uniform")
 RATIO = 0.3

@@ -3,7 +3,6 @@ measurement of a dense checkpoint and a pruned copy (transformers, and a stand-i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,23 +16,13 @@ from pruning.importance import StructureScores
 from pruning.plan import LayerPlan, PruningPlan
 from pruning.planner import plan_global
 from pruning.surgery import apply_plan
+from tests.benchmark_modules import load_benchmark
 from tests.tiny_models import NUM_LAYERS, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_speed() -> ModuleType:
-    """benchmarks/ is not a package: import the file (registered, so its dataclasses resolve)."""
-    name = "benchmark_speed"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "speed.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-speed = _load_speed()
+speed = load_benchmark("speed")
 
 # tiny_model("llama_gqa"): hidden 64, 4 query heads of 16 (2 KV heads), intermediate 96, 5 layers, vocab 128
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB = 64, 4, 2, 16, 96, 128
