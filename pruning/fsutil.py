@@ -134,6 +134,12 @@ def remove_tree(path: Path) -> None:
     path.rmdir()
 
 
+def os_error_reason(error: OSError) -> str:
+    """A disk's state (full, read-only, ...) as named in DISK_ERRNOS, else the OS's own words."""
+    code = disk_errno(error)
+    return DISK_ERRNOS[code] if code is not None else (error.strerror or str(error)).lower()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write a temporary file beside ``path``, then rename: readers see the old file or the whole new one.
 
@@ -146,9 +152,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        code = disk_errno(e)
-        reason = DISK_ERRNOS[code] if code is not None else (e.strerror or str(e)).lower()
-        raise UserError(f"{path}: cannot write here: {reason}") from e
+        raise UserError(f"{path}: cannot write here: {os_error_reason(e)}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())

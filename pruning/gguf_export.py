@@ -41,6 +41,7 @@ import torch
 from pruning.errors import UserError
 from pruning.families import adapter_for
 from pruning.families.layout import LayerSizes
+from pruning.fsutil import os_error_reason
 from pruning.gguf_vocab import write_vocab
 from pruning.jsonio import read_json_object
 from pruning.shards import ShardReader
@@ -176,8 +177,12 @@ def export_gguf(
     reader = ShardReader(find_weight_files(checkpoint))
     plan = _tensor_plan(reader, config, adapter, layers, head_dim, QTYPES[dtype])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch(exist_ok=False)
+    except OSError as e:  # read-only, a file on the way, no such place: the user's path, in one line
+        raise UserError(f"{out}: cannot write here: {os_error_reason(e)}") from e
     try:
         writer = gguf.GGUFWriter(partial, arch)
         _write_metadata(writer, config, adapter, layers, head_dim, arch, dtype, checkpoint)

@@ -11,7 +11,6 @@ fall back to llama.cpp's ``default`` with a warning for any other tokenizer.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from typing import Any
 import gguf
 
 from pruning.errors import UserError
+from pruning.jsonio import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> N
         )
     # tokenizer.json as written, without the model config: a pruned checkpoint's config names modeling
     # code (which must not be run or prompted for), and a family's tokenizer class may add tokens.
+    data = read_json_object(checkpoint / "tokenizer.json")  # once, and a broken file is one line
+    model = tokenizer_model_of(data, f"{checkpoint}/tokenizer.json")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
-    model = _tokenizer_model(checkpoint)
     if model == "gpt2":
         tokens, types = _byte_level_tokens(tokenizer, vocab_size)
         writer.add_tokenizer_model("gpt2")
@@ -75,7 +76,6 @@ def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> N
         writer.add_token_list(tokens)
         writer.add_token_types(types)
     else:
-        data = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
         tokens, scores, types = _byte_fallback_tokens(tokenizer, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
@@ -84,11 +84,6 @@ def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> N
         writer.add_token_types(types)
         writer.add_add_space_prefix(_adds_space_prefix(data))
     gguf.SpecialVocab(checkpoint, load_merges=model == "gpt2").add_to_gguf(writer, quiet=True)
-
-
-def _tokenizer_model(checkpoint: Path) -> str:
-    data = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
-    return tokenizer_model_of(data, f"{checkpoint}/tokenizer.json")
 
 
 def tokenizer_model_of(tokenizer_json: Mapping[str, Any], source: str) -> str:

@@ -331,3 +331,13 @@ def test_byte_fallback_tokenizer_is_written_as_llama(tmp_path: Path) -> None:
                 assert runner.tokenize(text) == tokenizer.encode(text, add_special_tokens=False), text
         finally:
             runner.close()
+
+
+def test_an_unwritable_place_or_a_broken_tokenizer_is_one_user_error(tmp_path: Path) -> None:
+    checkpoint = saved(tmp_path, "llama_gqa")
+    with pytest.raises(UserError, match="cannot write here"):
+        export_gguf(checkpoint, checkpoint / "config.json" / "m.gguf")  # a file on the way
+    (checkpoint / "tokenizer.json").write_text("{broken")
+    with pytest.raises(UserError, match="tokenizer.json: not valid JSON"):
+        export_gguf(checkpoint, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf.partial-*"))
