@@ -107,7 +107,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from pruning.analysis import ModelAnalyzer
-    from pruning.models import resolve
+    from pruning.source.builtin import resolve
 
     transformers.utils.logging.disable_progress_bar()
     smol = resolve("smollm2-135m")

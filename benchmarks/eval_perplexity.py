@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pruning import load_pruned_model
-from pruning.evaluation import evaluation_windows, perplexity
-from pruning.models import resolve
+from pruning.calibration.perplexity import evaluation_windows, perplexity
+from pruning.source.builtin import resolve
 
 
 def main() -> None:

@@ -4,8 +4,8 @@
 
 Needs llama-cpp-python (``make llamacpp`` builds it from source: 18.5 minutes on 2 cores, so CI does not
 run this; ``make gguf-check`` does). For the dense built-in SmolLM2-135M and each pruned checkpoint,
-every dtype is exported with ``pruning.gguf_export`` and compared with the same checkpoint in
-transformers (float32, ``pruning.checkpoint.load_pruned_model``):
+every dtype is exported with ``pruning.export.gguf`` and compared with the same checkpoint in
+transformers (float32, ``pruning.checkpoint.save.load_pruned_model``):
 
 - next tokens: a fixed prompt set, 32 prompts of 64 tokens cut from WikiText-2 test at fixed offsets;
   the greedy choice after every prompt position (2,048 choices) and after each whole prompt;
@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pruning import llamacpp  # noqa: E402
-from pruning.checkpoint import load_pruned_model  # noqa: E402
-from pruning.evaluation import evaluation_windows, perplexity  # noqa: E402
-from pruning.gguf_export import export_gguf  # noqa: E402
-from pruning.models import resolve  # noqa: E402
+from pruning.calibration.perplexity import evaluation_windows, perplexity  # noqa: E402
+from pruning.checkpoint.load import load_pruned_model  # noqa: E402
+from pruning.export.gguf import export_gguf  # noqa: E402
+from pruning.source.builtin import resolve  # noqa: E402
 
 logger = logging.getLogger("gguf_check")
 TEXT = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -114,7 +114,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# GGUF export checked by llama.cpp",
         "",
-        f"`benchmarks/gguf_check.py`: each model exported by `pruning.gguf_export` and run by llama.cpp "
+        f"`benchmarks/gguf_check.py`: each model exported by `pruning.export.gguf` and run by llama.cpp "
         f"(llama-cpp-python {_version()}) on the CPU, against the same checkpoint in transformers (float32). "
         f"Next tokens: greedy choice at every position of {PROMPTS} prompts of {PROMPT_LEN} tokens from "
         f"WikiText-2 test, and after each whole prompt. Perplexity: WikiText-2 test, first {PPL_TOKENS:,} "

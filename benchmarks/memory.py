@@ -161,7 +161,11 @@ def main() -> int:
         args.tokenizer
         or (
             subprocess.run(
-                [sys.executable, "-c", "from pruning.models import resolve; print(resolve('smollm2-135m'))"],
+                [
+                    sys.executable,
+                    "-c",
+                    "from pruning.source.builtin import resolve; print(resolve('smollm2-135m'))",
+                ],
                 cwd=ROOT,
                 env=ENV,
                 capture_output=True,

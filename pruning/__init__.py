@@ -8,8 +8,10 @@ __version__ = "0.1.0"
 
 
 def load_pruned_model(path: Any, **kwargs: Any) -> Any:
-    """Rebuild a pruned checkpoint (safetensors + per-layer shapes in config.json); see pruning.checkpoint."""
-    from pruning.checkpoint import load_pruned_model as _load
+    """Rebuild a pruned checkpoint (safetensors + per-layer shapes in config.json).
+
+    See ``pruning.checkpoint.load``."""
+    from pruning.checkpoint.load import load_pruned_model as _load
 
     return _load(path, **kwargs)
 

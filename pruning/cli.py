@@ -47,10 +47,10 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.output_dir is not None:  # a plain string, not YAML: "2024-05-01" or "a #1" stay as typed
         config = replace(config, output=replace(config.output, dir=args.output_dir))
-    from pruning.pipeline import prepare, run_pipeline
+    from pruning.pipeline.run import prepare, run_pipeline
 
     if args.dry_run:
-        from pruning.dry_run import describe_run
+        from pruning.pipeline.dry_run import describe_run
 
         context, hooks = prepare(config, dry_run=True)
         print(describe_run(context, [h.name for h in hooks.hooks]))

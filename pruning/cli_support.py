@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from pruning.errors import Terminated, UserError
-from pruning.fsutil import DISK_ERRNOS, disk_errno
+from pruning.storage.fs import DISK_ERRNOS, disk_errno
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a reader that went away (141)
 

@@ -6,6 +6,7 @@ typo fails in milliseconds with one line naming the key path and the rule it bro
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -61,7 +62,9 @@ class ModelConfig:
     # accelerate's meaning: cpu, cuda, cuda:N, auto (GPUs, then CPU, then disk), or {module: device|disk}
     device_map: str | dict[str, str | int] = "cpu"
     max_memory: dict[str | int, str] | None = None  # {0: 70GiB, cpu: 100GiB}: what device_map auto may fill
-    streaming: str = "auto"  # auto | always | never: read decoder layers one at a time (pruning.placement)
+    streaming: str = (
+        "auto"  # auto | always | never: read decoder layers one at a time (pruning.source.placement)
+    )
     trust_pickle: bool = False
 
     def max_memory_bytes(self) -> dict[str | int, int] | None:
@@ -82,12 +85,14 @@ class WeightedSource:
 @dataclass(frozen=True)
 class CalibrationConfig:
     source: str = "data/wikitext-2-raw/wiki.valid.raw"
-    sources: tuple[WeightedSource, ...] = ()  # a mix, instead of ``source`` (pruning.data.mixed_windows)
+    sources: tuple[
+        WeightedSource, ...
+    ] = ()  # a mix, instead of ``source`` (pruning.calibration.data.mixed_windows)
     num_samples: int = 64
     seq_len: int = 256
     batch_size: int = 4
     seed: int = 0
-    engine: str = "layerwise"  # layerwise | whole_model (pruning.engine)
+    engine: str = "layerwise"  # layerwise | whole_model (pruning.calibration.engine)
     gradient_checkpointing: bool = False  # taylor: recompute activations in the backward to save memory
 
     def mix(self) -> tuple[WeightedSource, ...]:
@@ -103,9 +108,9 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class CompensationConfig:
-    method: str = "none"  # none | refit (pruning.compensation)
+    method: str = "none"  # none | refit (pruning.compensation.refit)
     ridge: float = 1e-3
-    selection: str = "plan"  # plan | obs: which structures each block loses (pruning.compensation)
+    selection: str = "plan"  # plan | obs: which structures each block loses (pruning.compensation.refit)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class PruningConfig:
     protected_layers: tuple[int, ...] = ()
     min_kv_groups: int = 0
     min_channels: int = 0
-    uniform: bool = False  # one size for every layer: a stock config (pruning.kept_shape)
+    uniform: bool = False  # one size for every layer: a stock config (pruning.planning.rounding)
     multiple_of: int = 1
     heads_multiple_of: int = 1
 
@@ -261,9 +266,19 @@ def dotted(path: Any) -> str:
     return out or "(top level)"
 
 
+def config_schema() -> dict[str, Any]:
+    """The config's JSON Schema, with the registered criteria as the names ``pruning.importance`` takes
+    (the registry is their one source: a new criterion needs no schema edit)."""
+    from pruning.criteria.registry import CRITERIA
+
+    schema = copy.deepcopy(load_schema(CONFIG_SCHEMA))
+    schema["properties"]["pruning"]["properties"]["importance"]["enum"] = CRITERIA.names()
+    return schema
+
+
 def validate_config(raw: Any, source: str = "config") -> None:
     """One UserError naming the key path and the rule, for the most specific schema violation."""
-    validator = _ConfigValidator(load_schema(CONFIG_SCHEMA))
+    validator = _ConfigValidator(config_schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(raw))
     if error is not None:
         raise UserError(f"{source}: {dotted(error.absolute_path)}: {error.message}")
@@ -283,6 +298,22 @@ def _find_nan(value: Any, path: list[Any]) -> list[Any] | None:
     return None
 
 
+def _check_switches(raw: dict[str, Any], importance: str, path: Path) -> None:
+    """A switch that only some criteria read (``calibration.gradient_checkpointing``) is refused when
+    the configured criterion does not take it, rather than silently ignored."""
+    from pruning.criteria.registry import CRITERIA, SWITCHES
+
+    options = CRITERIA.options(importance)
+    for key in SWITCHES:
+        section, _, option = key.partition(".")
+        if (raw.get(section) or {}).get(option) and option not in options:
+            takers = CRITERIA.takers(option)
+            raise UserError(
+                f"{path}: {key} applies only to the criteria that take it ({', '.join(takers)}); "
+                f"pruning.importance is {importance}"
+            )
+
+
 def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
     name = raw.get("name") or path.stem
     pruning = dict(raw["pruning"])
@@ -297,11 +328,7 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
     if "source" in calibration and "sources" in calibration:
         raise UserError(f"{path}: calibration: give source (one text) or sources (a mix), not both")
     calibration["sources"] = tuple(WeightedSource(**item) for item in calibration.get("sources", ()))
-    if calibration.get("gradient_checkpointing") and pruning.get("importance", "activation") != "taylor":
-        raise UserError(
-            f"{path}: calibration.gradient_checkpointing applies to the taylor criterion only "
-            f"(pruning.importance is {pruning.get('importance', 'activation')})"
-        )
+    _check_switches(raw, pruning.get("importance", PruningConfig.importance), path)
     if pruning.get("uniform") and pruning["protected_layers"]:
         raise UserError(
             f"{path}: pruning.uniform gives every layer one size, so protected_layers "

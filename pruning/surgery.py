@@ -1,12 +1,13 @@
-"""Physical removal of KV groups and MLP channels, and its oracle counterpart (zeroing in place).
+"""Physical removal of KV groups and MLP channels.
 
 Which rows and columns a structure owns is the family adapter's declaration (``OwnedSlice``s, see
-``pruning.families.base``); this module only slices or zeroes what it is told, so removal, zeroing,
-costs and scores cannot disagree. A fully emptied block is handed back to the adapter, which swaps in
-its Zero* stand-in and drops the norms that served it.
+``pruning.families.base``); this module only slices what it is told, so removal, costs and scores
+cannot disagree. A fully emptied block becomes its parameter-free stand-in (``ZeroAttention``,
+``ZeroMLP``: the ones the checkpoint's shipped modeling code builds, imported from it so there is one
+copy) and the norms that served it ``nn.Identity``.
 
-``apply_plan`` and ``zero_plan_structures`` must describe the same function: the tests compare a pruned
-model with a zeroed copy of the dense one (the correctness oracle, docs/families.md).
+The correctness oracle (tests/oracle.py, docs/families.md): a pruned model computes exactly what the
+dense model computes with the same structures zeroed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pruning import file_pages
+from pruning.checkpoint.modeling_pruned import ZeroAttention, ZeroMLP
 from pruning.families import ATTENTION, KINDS, FamilyAdapter, LayerGeometry, Layout, adapter_for
-from pruning.plan import LayerPlan, PruningPlan
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.storage import file_pages
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +56,17 @@ def _prune_in(linear: nn.Linear, remove: Sequence[int]) -> None:
 
 
 def _release(*replaced: torch.Tensor | None) -> None:
-    """The replaced weights' file pages may go (see pruning.file_pages): without this the mapped file
+    """The replaced weights' file pages may go (see pruning.storage.file_pages): without this the mapped file
     stays resident beside the pruned copies."""
     for tensor in replaced:
         if tensor is not None and not tensor.is_meta:
             file_pages.release(tensor.detach())
 
 
-@torch.no_grad()
-def _zero_out(linear: nn.Linear, rows: Sequence[int]) -> None:
-    if rows:
-        index = torch.tensor(list(rows), dtype=torch.long, device=linear.weight.device)
-        linear.weight.index_fill_(0, index, 0.0)
-        if linear.bias is not None:
-            linear.bias.index_fill_(0, index, 0.0)
-
-
-@torch.no_grad()
-def _zero_in(linear: nn.Linear, cols: Sequence[int]) -> None:
-    if cols:
-        index = torch.tensor(list(cols), dtype=torch.long, device=linear.weight.device)
-        linear.weight.index_fill_(1, index, 0.0)
-
-
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _check_plan(
+def check_plan(
     model: nn.Module, plan: PruningPlan
 ) -> tuple[FamilyAdapter, int, list[tuple[nn.Module, LayerPlan, LayerGeometry]]]:
     """Pair each decoder layer with its plan, or raise ValueError when the plan was made for other shapes."""
@@ -109,11 +95,19 @@ def _check_layer(idx: int, lp: LayerPlan, geo: LayerGeometry) -> None:
         raise ValueError(f"layer {idx}: {geo.num_heads} query heads do not split into {geo.num_kv_heads}")
 
 
-def _removed(lp: LayerPlan, kind: str) -> tuple[Sequence[int], bool]:
+def removed_by(lp: LayerPlan, kind: str) -> tuple[Sequence[int], bool]:
     """(structures of ``kind`` the plan removes, whether that empties the block)."""
     if kind == ATTENTION:
         return lp.remove_kv_groups, lp.attention_removed
     return lp.remove_channels, lp.mlp_removed
+
+
+def remove_block(adapter: FamilyAdapter, layer: nn.Module, kind: str, layer_idx: int, head_dim: int) -> None:
+    """Replace an emptied block by its parameter-free stand-in and the norms that served it by Identity."""
+    zero = ZeroAttention(layer_idx, head_dim) if kind == ATTENTION else ZeroMLP()
+    layer.set_submodule(adapter.blocks[kind], zero)
+    for path in adapter.block_norms(kind):
+        layer.set_submodule(path, nn.Identity())
 
 
 def _after_removal(geo: LayerGeometry, kind: str, removed: int) -> LayerGeometry:
@@ -128,9 +122,9 @@ def _remove_structures(
 ) -> None:
     """Slice one layer to the plan, block by block (used on real weights and on meta skeletons)."""
     for kind in KINDS:
-        structures, emptied = _removed(lp, kind)
+        structures, emptied = removed_by(lp, kind)
         if emptied:
-            adapter.remove_block(layer, kind, idx, head_dim)
+            remove_block(adapter, layer, kind, idx, head_dim)
         elif structures:
             for owned in adapter.owned_slices(kind, geo):
                 linear = layer.get_submodule(owned.path)
@@ -148,7 +142,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
     Fully emptied blocks become ZeroAttention / ZeroMLP and the norms serving them ``nn.Identity``,
     because nothing else reads them. Embeddings (tied or not) are never touched.
     """
-    adapter, head_dim, paired = _check_plan(model, plan)
+    adapter, head_dim, paired = check_plan(model, plan)
     for layer, lp, geo in paired:
         _remove_structures(adapter, layer, lp.layer_idx, head_dim, geo, lp)
         if not lp.is_empty:
@@ -162,7 +156,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
 
 def apply_layer_plan(model: nn.Module, layer_plan: LayerPlan) -> None:
     """Remove one layer's planned structures: a layer-by-layer pass prunes each layer as it reaches it
-    (``pruning.engine.run_layerwise``'s ``change``), so later layers calibrate on pruned inputs."""
+    (``pruning.calibration.engine.run_layerwise``'s ``change``), so later layers calibrate on pruned
+    inputs."""
     adapter = adapter_for(model.config)
     head_dim = adapter.head_dim(model.config)
     idx = layer_plan.layer_idx
@@ -170,27 +165,6 @@ def apply_layer_plan(model: nn.Module, layer_plan: LayerPlan) -> None:
     geo = adapter.geometry(layer, head_dim)
     _check_layer(idx, layer_plan, geo)
     _remove_structures(adapter, layer, idx, head_dim, geo, layer_plan)
-
-
-def zero_plan_structures(model: nn.Module, plan: PruningPlan) -> None:
-    """Zero, in place and without changing shapes, exactly what ``apply_plan`` would remove.
-
-    Zeroed rows make a head or channel compute 0, zeroed output columns make it write 0. For a fully
-    removed block the output projections' biases are zeroed too, so the block outputs exactly 0 like its
-    Zero* replacement (a norm before it then has no effect, and a post-norm of 0 is 0).
-    """
-    adapter, _, paired = _check_plan(model, plan)
-    for layer, lp, geo in paired:
-        for kind in KINDS:
-            structures, emptied = _removed(lp, kind)
-            if not structures:
-                continue
-            for owned in adapter.owned_slices(kind, geo):
-                linear = layer.get_submodule(owned.path)
-                (_zero_out if owned.axis == 0 else _zero_in)(linear, owned.indices(structures))
-                if emptied and owned.axis == 1 and linear.bias is not None:
-                    with torch.no_grad():
-                        linear.bias.zero_()
 
 
 def pruned_layout(model: nn.Module) -> Layout:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.modules import ZeroAttention, ZeroMLP
+from pruning.checkpoint.modeling_pruned import ZeroAttention, ZeroMLP
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "configs"
@@ -113,6 +113,6 @@ def config_only_copy(tmp_path: Path):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M as a safetensors directory (downloaded and converted once per machine)."""
-    from pruning.models import resolve
+    from pruning.source.builtin import resolve
 
     return Path(resolve("smollm2-135m"))

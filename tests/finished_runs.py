@@ -9,10 +9,10 @@ import yaml
 
 from pruning import reports
 from pruning.config import load_config
-from pruning.context import PipelineContext
-from pruning.outputs import build_manifest
-from pruning.run_record import build_run_record
-from pruning.staging import StagedRun
+from pruning.hooks.context import PipelineContext
+from pruning.pipeline.run_record import build_run_record
+from pruning.rundir.staging import StagedRun
+from pruning.rundir.target import build_manifest
 
 RUN_FILES = {"models/model.safetensors": b"weights", "models/config.json": b"{}", "plan.json": b"{}"}
 

@@ -252,7 +252,7 @@ def test_pruned_model_of_every_family_counts_the_same_from_every_source(
     arch: str, tmp_path: Path, config_only_copy
 ):
     """Live, from the saved safetensors headers, and from config.json's layout alone."""
-    from pruning.checkpoint import save_pruned_model
+    from pruning.checkpoint.save import save_pruned_model
     from pruning.surgery import apply_plan
     from tests.tiny_models import make_plan, tiny_model
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pruning import pipeline
 from pruning.cli import main
+from pruning.pipeline import run as pipeline
 from tests.tiny_pipeline import build_tiny_model_dir, write_config
 
 

@@ -15,11 +15,12 @@ from tokenizers.pre_tokenizers import Whitespace
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pruning.checkpoint import build_pruned_skeleton, load_pruned_model, save_pruned_model
+from pruning.checkpoint.load import build_pruned_skeleton, load_pruned_model
+from pruning.checkpoint.modeling_pruned import ZeroAttention, ZeroMLP
+from pruning.checkpoint.save import save_pruned_model
 from pruning.errors import UserError
 from pruning.families import adapter_for
-from pruning.modules import ZeroAttention, ZeroMLP
-from pruning.plan import LayerPlan, PruningPlan
+from pruning.planning.plan import LayerPlan, PruningPlan
 from pruning.surgery import apply_plan, pruned_layout
 from tests.tiny_models import ARCH_IMPLS, ARCHS, TIED_ARCHS, input_ids, make_plan, tiny_model
 

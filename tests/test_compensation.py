@@ -1,4 +1,4 @@
-"""Compensation (``pruning.compensation``): the refit's algebra, its place in the layer-by-layer pass,
+"""Compensation (``pruning.compensation.refit``): the refit's algebra, its place in the layer-by-layer pass,
 and the oracle: a refit pruned model equals the dense model with the removed structures zeroed and
 the output projections' kept columns set to the refit values."""
 
@@ -9,11 +9,13 @@ import copy
 import pytest
 import torch
 
-from pruning.compensation import GramCollector, prune_with_refit, ridge_refit
-from pruning.engine import capture_layer_inputs
+from pruning.calibration.engine import capture_layer_inputs
+from pruning.calibration.observers import GramCollector
+from pruning.compensation.refit import prune_with_refit, ridge_refit
 from pruning.families import ATTENTION, KINDS, adapter_for
-from pruning.plan import LayerPlan, PruningPlan
-from pruning.surgery import apply_plan, zero_plan_structures
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.surgery import apply_plan
+from tests.oracle import zero_plan_structures
 from tests.tiny_models import ARCHS, VOCAB, input_ids, make_plan, tiny_model
 
 
@@ -208,7 +210,7 @@ def test_an_empty_plan_leaves_the_model_as_it_was() -> None:
 def test_removal_error_is_what_the_best_refit_leaves() -> None:
     """``removal_errors`` against brute force: remove each block, refit the rest by least squares
     (no damping), measure the output error per token."""
-    from pruning.refit_error import removal_errors
+    from pruning.criteria.refit_error import removal_errors
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(400, 6, generator=gen, dtype=torch.float64) @ torch.randn(
@@ -225,7 +227,7 @@ def test_removal_error_is_what_the_best_refit_leaves() -> None:
 
 
 def test_removal_error_with_uncorrelated_inputs_is_the_activation_energy() -> None:
-    from pruning.refit_error import removal_errors
+    from pruning.criteria.refit_error import removal_errors
 
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(4, 5, generator=gen)

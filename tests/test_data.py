@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pruning.data import calibration_windows
+from pruning.calibration.data import calibration_windows
+from pruning.calibration.perplexity import evaluation_windows, perplexity
 from pruning.errors import UserError
-from pruning.evaluation import evaluation_windows, perplexity
 
 WIKI_VALID = Path(__file__).parent.parent / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pruning import file_pages
+from pruning.storage import file_pages
 from pruning.surgery import apply_plan
 from tests.tiny_models import input_ids, make_plan, tiny_model
 

@@ -1,13 +1,14 @@
-"""The loss's Fisher diagonal at each output projection (``pruning.fisher``) and the criterion that
+"""The loss's Fisher diagonal at each output projection (``pruning.calibration.fisher``) and the criterion
+that
 weights removals by it."""
 
 from __future__ import annotations
 
 import torch
 
+from pruning.calibration.fisher import output_fisher
+from pruning.criteria.registry import get_criterion
 from pruning.families import adapter_for
-from pruning.fisher import output_fisher
-from pruning.importance import get_criterion
 from tests.tiny_models import input_ids, tiny_model
 
 

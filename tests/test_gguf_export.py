@@ -1,4 +1,4 @@
-"""GGUF export (pruning.gguf_export): layout, stand-ins, rotary permutation, tokenizer, refusals; and, where
+"""GGUF export (pruning.export.gguf): layout, stand-ins, rotary permutation, tokenizer, refusals; and, where
 llama-cpp-python is installed, llama.cpp's own logits against transformers' on pruned tiny models."""
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from pruning import llamacpp
-from pruning.checkpoint import load_pruned_model, save_pruned_model
+from pruning.checkpoint.load import load_pruned_model
+from pruning.checkpoint.save import save_pruned_model
 from pruning.errors import UserError
+from pruning.export import llamacpp
+from pruning.export.gguf import NONE, REAL, ZERO, export_gguf, gguf_layers, rotary_permute
 from pruning.families.layout import LayerSizes
-from pruning.gguf_export import NONE, REAL, ZERO, export_gguf, gguf_layers, rotary_permute
-from pruning.kept_shape import KeptShape
-from pruning.plan import LayerPlan, PruningPlan
-from pruning.planner import plan_global
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.planning.planner import plan_global
+from pruning.planning.rounding import KeptShape
 from pruning.surgery import apply_plan
 from tests.test_pipeline import prune
 from tests.tiny_models import make_plan, tiny_model
@@ -48,7 +49,7 @@ def saved(tmp_path: Path, arch: str, plan_kind: str = "nonuniform") -> Path:
 
 
 def random_scores_for(model: torch.nn.Module):
-    from pruning.importance import StructureScores
+    from pruning.planning.scores import StructureScores
 
     gen = torch.Generator().manual_seed(0)
     config = model.config
@@ -182,7 +183,7 @@ def test_refusals(tmp_path: Path) -> None:
 
 
 def test_a_name_taken_during_the_export_is_left_alone(tmp_path: Path) -> None:
-    from pruning.gguf_export import _publish
+    from pruning.export.gguf import _publish
 
     partial, out = tmp_path / ".m.gguf.partial", tmp_path / "m.gguf"
     partial.write_bytes(b"gguf")
@@ -206,7 +207,7 @@ def test_gguf_hook_refuses_a_family_before_pruning(tmp_path: Path) -> None:
 
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = saved(tmp_path, "llama_gqa")
-    import pruning.gguf_export as module
+    import pruning.export.gguf as module
 
     def broken(*args: object) -> np.ndarray:
         raise OSError("disk gone")
@@ -221,7 +222,7 @@ def test_llama3_rope_factors_match_transformers() -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from pruning.gguf_export import llama3_rope_factors
+    from pruning.export.gguf import llama3_rope_factors
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
@@ -233,7 +234,7 @@ def test_llama3_rope_factors_match_transformers() -> None:
 
 
 def test_cli_writes_or_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pruning.gguf_cli import main
+    from pruning.export.cli import main
 
     checkpoint = saved(tmp_path, "llama_gqa")
     assert main([str(checkpoint), str(tmp_path / "c.gguf"), "--dtype", "bf16"]) == 0

@@ -1,5 +1,5 @@
 """GPU paths: a device map with a GPU in it, streaming onto a GPU, accelerate's auto map. Skipped where
-no CUDA device is visible (CI has none); run on a lent GPU machine (README, "Several GPUs or CPU offload")."""
+no CUDA device is visible (CI has none); run on a lent GPU machine (docs/memory.md)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import pruning
-from pruning.plan import PruningPlan
-from pruning.surgery import zero_plan_structures
+from pruning.planning.plan import PruningPlan
+from tests.oracle import zero_plan_structures
 from tests.test_pipeline import _saved_tensors, prune
 from tests.tiny_pipeline import VOCAB, build_tiny_model_dir
 

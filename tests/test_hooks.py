@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from pruning.config import HookConfig, PipelineConfig, load_config
-from pruning.context import PipelineContext
 from pruning.errors import UserError
 from pruning.hooks import ENTRY_POINT_GROUP, Event, Hook, HookError, HookRunner, default_registry
 from pruning.hooks import registry as registry_module
 from pruning.hooks.analysis import AnalysisHook
+from pruning.hooks.context import PipelineContext
 from pruning.hooks.registry import instantiate
 from pruning.hooks.runner import ActiveHook
 from tests.tiny_pipeline import REPO

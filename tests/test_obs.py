@@ -1,12 +1,12 @@
-"""Greedy OBS removal (``pruning.obs``) against brute-force least squares."""
+"""Greedy OBS removal (``pruning.compensation.obs``) against brute-force least squares."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pruning.compensation.obs import _remove, greedy_removal
 from pruning.errors import UserError
-from pruning.obs import _remove, greedy_removal
 
 
 def _problem(seed: int, count: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

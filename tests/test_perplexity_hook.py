@@ -10,7 +10,7 @@ import torch
 
 import pruning
 from pruning import reports
-from pruning.evaluation import evaluation_windows, perplexity
+from pruning.calibration.perplexity import evaluation_windows, perplexity
 from tests.test_pipeline import prune
 from tests.tiny_pipeline import REPO, build_tiny_model_dir
 

@@ -12,8 +12,8 @@ import torch
 import pruning
 from pruning import reports
 from pruning.cli import main
-from pruning.plan import PruningPlan
-from pruning.surgery import zero_plan_structures
+from pruning.planning.plan import PruningPlan
+from tests.oracle import zero_plan_structures
 from tests.tiny_pipeline import (
     CHANNEL_COST,
     HEAD_DIM,
@@ -386,7 +386,7 @@ def test_a_hub_download_brings_no_pickle_and_is_checked_like_a_local_model(tmp_p
 
     from pruning.config import ModelConfig
     from pruning.errors import UserError
-    from pruning.loading import load_model_and_tokenizer
+    from pruning.pipeline.preflight import local_source
 
     asked = {}
 
@@ -401,7 +401,7 @@ def test_a_hub_download_brings_no_pickle_and_is_checked_like_a_local_model(tmp_p
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     with pytest.raises(UserError, match="points at pickled weights"):
-        load_model_and_tokenizer(ModelConfig(path="org/model"), "org/model")
+        local_source(ModelConfig(path="org/model"), "org/model")
     assert asked["repo_id"] == "org/model"
     for name in ("pytorch_model.bin", "model.pt", "weights.ckpt"):
         assert not any(fnmatch.fnmatch(name, pattern) for pattern in asked["patterns"])
@@ -411,7 +411,7 @@ def test_a_hub_download_brings_no_pickle_and_is_checked_like_a_local_model(tmp_p
 def _saved_tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from pruning.weight_files import find_weight_files
+    from pruning.storage.weight_files import find_weight_files
 
     tensors: dict[str, torch.Tensor] = {}
     for file in find_weight_files(out / "models").safetensors:
@@ -472,7 +472,7 @@ def test_a_streamed_run_gives_the_plain_run_and_writes_each_layer_as_it_goes(
 def test_what_cannot_stream_says_so_before_any_weight_is_read(
     tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch, sections: dict, message: str
 ):
-    from pruning import shards
+    from pruning.storage import shards
 
     def trap(*args, **kwargs):
         raise AssertionError("a weight was read")
@@ -516,7 +516,7 @@ def test_a_bad_device_map_is_one_line_before_any_weight_is_read(
 ):
     from transformers import AutoModelForCausalLM
 
-    from pruning import shards
+    from pruning.storage import shards
 
     def trap(*args, **kwargs):
         raise AssertionError("a weight was read")
@@ -593,9 +593,9 @@ def test_a_streamed_refit_that_fails_reports_its_own_error_and_writes_nothing(
 ):
     """A layer whose refit failed is never written: the run fails with the refit's error, not with a
     shard writer's complaint about an unpruned layer, and output.dir stays absent."""
-    import pruning.compensation as compensation
+    import pruning.compensation.refit as compensation
     from pruning.config import load_config
-    from pruning.pipeline import run_pipeline
+    from pruning.pipeline.run import run_pipeline
 
     calls = []
 

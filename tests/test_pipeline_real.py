@@ -92,9 +92,9 @@ def test_both_calibration_engines_give_the_same_plan_on_smollm2(smollm2_dir: Pat
     """The real model, 8 windows of 128 tokens: layer by layer and whole model, bit for bit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pruning.data import calibration_windows
-    from pruning.importance import ActivationCriterion
-    from pruning.planner import plan_global
+    from pruning.calibration.data import calibration_windows
+    from pruning.criteria.activation import ActivationCriterion
+    from pruning.planning.planner import plan_global
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pruning import placement as placement_module
 from pruning.config import ModelConfig
 from pruning.errors import UserError
-from pruning.placement import DISK, part_names, resolve_placement, weight_bytes
-from pruning.streaming import build_skeleton
+from pruning.source import placement as placement_module
+from pruning.source.placement import DISK, part_names, resolve_placement, weight_bytes
+from pruning.source.streaming import build_skeleton
 from tests.tiny_models import tiny_model
 
 LAYERS = [f"model.layers.{i}" for i in range(5)]

@@ -6,11 +6,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pruning.criteria.activation import ActivationCriterion
 from pruning.errors import UserError
 from pruning.families import adapter_for
-from pruning.importance import ActivationCriterion, StructureScores
-from pruning.plan import PruningPlan
-from pruning.planner import plan_global
+from pruning.planning.plan import PruningPlan
+from pruning.planning.planner import plan_global
+from pruning.planning.scores import StructureScores
 from tests.tiny_models import ARCHS
 
 HD, G, K, C, HIDDEN, LAYERS = 16, 2, 2, 128, 64, 3

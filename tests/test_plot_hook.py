@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 
 from pruning.errors import UserError
-from pruning.fsutil import write_bytes_atomic
 from pruning.hooks import default_registry
 from pruning.hooks.plot import (
     MISSING_MATPLOTLIB,
@@ -22,7 +21,8 @@ from pruning.hooks.plot import (
     profile_of,
     title_of,
 )
-from pruning.plan import LayerPlan, PruningPlan
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.storage.fs import write_bytes_atomic
 from tests.test_pipeline import prune
 from tests.tiny_pipeline import LAYERS, build_tiny_model_dir
 

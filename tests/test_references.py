@@ -1,4 +1,4 @@
-"""The reference methods of benchmarks/references.py on tiny random Llama models: each removes what it
+"""The reference methods of benchmarks/references/ on tiny random Llama models: each removes what it
 claims, where it claims, and FLAP's compensation is the mean contribution of what it removed."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from pruning.checkpoint.modeling_pruned import ZeroAttention, ZeroMLP
 from pruning.families import adapter_for
-from pruning.modules import ZeroAttention, ZeroMLP
 from tests.benchmark_modules import load_benchmark
 from tests.tiny_models import input_ids, tiny_model
 
@@ -65,7 +65,7 @@ def test_removes_the_target_share_of_all_parameters(method: str) -> None:
     before, after = numel(dense), numel(model)
     assert (notes["params_before"], notes["params_after"]) == (before, after)
     assert notes["removed_share"] == pytest.approx((before - after) / before)
-    costs = refs._describe(dense).costs
+    costs = refs.describe(dense).costs
     lc = costs[0]
     if method in ("random", "flap"):  # global ranking: stops at the first structure reaching the target
         allowance = max(lc.kv_group_cost + lc.attention_block_cost, lc.channel_cost + lc.mlp_block_cost)
@@ -98,7 +98,7 @@ def test_llm_pruner_leaves_the_first_and_last_layers_alone() -> None:
 
 
 def test_uniform_counts_reach_the_target_by_less_than_one_channel_per_layer() -> None:
-    costs = refs._describe(tiny_model("llama_gqa")).costs
+    costs = refs.describe(tiny_model("llama_gqa")).costs
     lc = costs[0]
     for target in (1_000, 20_000, 60_000, 80_000):
         counts = refs.uniform_counts(costs, target, range(1, 4))

@@ -22,9 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, dynamic_module_utils
 
 from pruning.analysis import ModelAnalyzer
-from pruning.analysis.shape_rules import compare_to_config
-from pruning.checkpoint import load_pruned_model, save_pruned_model
-from pruning.checkpoint_config import (
+from pruning.checkpoint.config_json import (
     AUTO_MAP,
     BLOCKS_KEY,
     REMOTE_CODE_FILE,
@@ -32,14 +30,17 @@ from pruning.checkpoint_config import (
     remote_code_source,
     write_remote_code,
 )
+from pruning.checkpoint.load import load_pruned_model
+from pruning.checkpoint.save import save_pruned_model
 from pruning.families import KINDS, adapter_for, check_supported
 from pruning.families.layout import LAYOUT_KEY, LAYOUT_VERSION
-from pruning.plan import LayerPlan, PruningPlan
+from pruning.families.shape_rules import compare_to_config
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.storage.weight_files import find_weight_files, stored_tensors
 from pruning.surgery import apply_plan, pruned_layout
-from pruning.weight_files import find_weight_files, stored_tensors
 from tests.tiny_models import ARCHS, NUM_LAYERS, input_ids, make_plan, tiny_model
 
-SOURCE = Path(__file__).parent.parent / "pruning" / "remote_code" / REMOTE_CODE_FILE
+SOURCE = Path(__file__).parent.parent / "pruning" / "checkpoint" / REMOTE_CODE_FILE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -385,7 +386,7 @@ def test_uniform_head_count_a_stock_config_refuses_keeps_the_pruned_format(
 ) -> None:
     """Llama's config requires hidden_size (64) to be a multiple of the head count (3 here)."""
     model = _uniform("llama_mha", groups=1)
-    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint.save"):
         out = save_pruned_model(model, None, tmp_path / "m")
     assert "not a multiple of the number of attention heads" in caplog.text
     config = json.loads((out / "config.json").read_text())

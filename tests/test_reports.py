@@ -164,7 +164,7 @@ def test_a_pruned_model_larger_than_the_original_is_refused(analysis: dict):
 
 
 def test_plan_and_run_record_schemas(tmp_path: Path):
-    from pruning.plan import LayerPlan, PruningPlan
+    from pruning.planning.plan import LayerPlan, PruningPlan
 
     plan = PruningPlan(
         layers=(LayerPlan(0, 2, 8, (1,), (0, 3)), LayerPlan(1, 2, 8, (0, 1), ())),

@@ -1,4 +1,4 @@
-"""``python run_global_pruning.py`` as a user runs it: one-line errors, --dry-run, the README's hook."""
+"""``python run_global_pruning.py`` as a user runs it: one-line errors, --dry-run, the documented hook."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_dry_run_checks_the_calibration_file(tmp_path: Path):
 
 
 def readme_hook_module() -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "hooks.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith("# my_hooks.py\n")]
     assert len(blocks) == 1
     return blocks[0]

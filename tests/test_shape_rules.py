@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.analysis.shape_rules import shapes_from_config
-from pruning.families import FAMILIES
+from pruning.families import FAMILIES, adapter_for
 
 TINY = dict(
     hidden_size=64,
@@ -85,3 +84,8 @@ def test_keys_config_json_omits_take_transformers_defaults(model_type: str):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type].from_dict(sparse))
     assert shapes_from_config(sparse) == {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def shapes_from_config(config) -> dict[str, tuple[int, ...]]:
+    """The adapter's shapes for a config dict (the rules under test)."""
+    return adapter_for(config).parameter_shapes(config)

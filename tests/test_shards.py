@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pruning.errors import UserError
-from pruning.shards import INDEX_FILE, SINGLE_FILE, ShardReader, ShardWriter
-from pruning.weight_files import find_weight_files
+from pruning.storage.shards import INDEX_FILE, SINGLE_FILE, ShardReader, ShardWriter
+from pruning.storage.weight_files import find_weight_files
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -11,10 +11,10 @@ from types import ModuleType
 import pytest
 import torch
 
-from pruning.checkpoint import save_pruned_model
-from pruning.importance import StructureScores
-from pruning.plan import LayerPlan, PruningPlan
-from pruning.planner import plan_global
+from pruning.checkpoint.save import save_pruned_model
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.planning.planner import plan_global
+from pruning.planning.scores import StructureScores
 from pruning.surgery import apply_plan
 from tests.benchmark_modules import load_benchmark
 from tests.tiny_models import NUM_LAYERS, tiny_model

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pruning import reports, staging
+from pruning import reports
 from pruning.errors import UserError
-from pruning.outputs import resolve_target
+from pruning.rundir import staging
+from pruning.rundir.target import resolve_target
 from tests.finished_runs import finish_run, publish_new_run, siblings, staged
 from tests.tiny_pipeline import tree_digest
 

@@ -11,17 +11,19 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pruning.checkpoint import load_pruned_model, partial_dir, save_pruned_model
+from pruning.checkpoint.load import load_pruned_model
+from pruning.checkpoint.save import partial_dir, save_pruned_model
 from pruning.config import ModelConfig
+from pruning.criteria.registry import get_criterion
 from pruning.errors import UserError
 from pruning.families import adapter_for
-from pruning.importance import get_criterion
-from pruning.placement import DISK, resolve_placement
-from pruning.planner import plan_global
-from pruning.shards import ShardReader
-from pruning.streaming import build_skeleton, load_placed, prune_and_write
+from pruning.pipeline.prune_step import prune_and_write
+from pruning.planning.planner import plan_global
+from pruning.source.placement import DISK, resolve_placement
+from pruning.source.streaming import build_skeleton, load_placed
+from pruning.storage.shards import ShardReader
+from pruning.storage.weight_files import find_weight_files
 from pruning.surgery import apply_plan
-from pruning.weight_files import find_weight_files
 from tests.tiny_models import ARCHS, input_ids, tiny_model
 
 
@@ -136,7 +138,7 @@ class ResidentCounter:
 
 
 def test_a_streamed_pass_holds_one_layer_at_a_time(tmp_path: Path) -> None:
-    from pruning.engine import calibrate
+    from pruning.calibration.engine import calibrate
 
     source = _source(tmp_path, "llama_mha")
     model, store = _placed(source, torch.float32, streaming="always")
@@ -161,8 +163,8 @@ def test_a_streamed_model_refuses_what_needs_it_whole(tmp_path: Path) -> None:
 def test_device_hooks_leave_whole_model_passes_and_saving_unchanged(tmp_path: Path) -> None:
     """The hooks a GPU-and-CPU map gets (tests/test_gpu.py runs them across devices), here on one
     device: forwards, taylor's backward, surgery and saving are those of the plain model."""
-    from pruning.placement import Placement, part_names
-    from pruning.streaming import _attach_device_hooks
+    from pruning.source.placement import Placement, part_names
+    from pruning.source.streaming import _attach_device_hooks
 
     source = _source(tmp_path, "llama_gqa")
     plain = AutoModelForCausalLM.from_pretrained(source).eval()
@@ -184,7 +186,7 @@ def test_device_hooks_leave_whole_model_passes_and_saving_unchanged(tmp_path: Pa
 
 def test_capture_reads_only_the_embeddings(tmp_path: Path) -> None:
     """Norm and head never run during capture (it stops at the last layer), so they are never read."""
-    from pruning.engine import calibrate
+    from pruning.calibration.engine import calibrate
 
     source = _source(tmp_path, "llama_mha")  # untied head: a part of its own
     model, store = _placed(source, torch.float32, streaming="always")
@@ -210,7 +212,7 @@ def test_the_pruning_pass_holds_one_layer_and_a_failure_leaves_nothing_open(
 ) -> None:
     import os
 
-    from pruning import streaming
+    from pruning.pipeline import prune_step as streaming
 
     source = _source(tmp_path, "llama_mha")
     model, store = _placed(source, torch.float32, streaming="always")
@@ -238,7 +240,7 @@ def test_the_pruning_pass_holds_one_layer_and_a_failure_leaves_nothing_open(
 
 @pytest.mark.parametrize("arch", ["llama_mha", "gemma2"])  # untied head; tied head with soft-capping
 def test_a_streamed_model_has_the_in_memory_perplexity(tmp_path: Path, arch: str) -> None:
-    from pruning.evaluation import perplexity
+    from pruning.calibration.perplexity import perplexity
 
     source = _source(tmp_path, arch)
     windows = input_ids(batch=5, length=12, seed=3)

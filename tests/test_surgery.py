@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from pruning.checkpoint.modeling_pruned import ZeroAttention, ZeroMLP
 from pruning.families import adapter_for
-from pruning.modules import ZeroAttention, ZeroMLP
-from pruning.plan import LayerPlan, PruningPlan
-from pruning.surgery import apply_plan, pruned_layout, zero_plan_structures
+from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.surgery import apply_plan, pruned_layout
+from tests.oracle import zero_plan_structures
 from tests.tiny_models import ARCH_IMPLS, ARCHS, TIED_ARCHS, input_ids, make_plan, tiny_model
 
 # Families with separate q/k/v and gate/up Linears, whose rows these tests check by name (Phi-3's fused
@@ -87,7 +88,7 @@ def test_emptied_blocks_and_their_norms_are_replaced(arch: str) -> None:
 def test_pruned_shapes_equal_the_rules_for_the_layout(arch: str) -> None:
     """Every parameter of the pruned model has the shape the family's rules give for its layout, and a
     meta-device build of the saved config has the same parameters (the count a reload will see)."""
-    from pruning.checkpoint import build_pruned_skeleton
+    from pruning.checkpoint.load import build_pruned_skeleton
 
     model, _, _, _ = _pruned_and_zeroed(arch)
     adapter = adapter_for(model.config)

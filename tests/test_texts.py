@@ -1,12 +1,13 @@
-"""Built-in texts (``pruning.texts``): held-out parts never overlap what calibration may draw from."""
+"""Built-in texts (``pruning.calibration.texts``): held-out parts never overlap what calibration may
+draw from."""
 
 from __future__ import annotations
 
 import pytest
 
-from pruning.data import mixed_windows, source_text, window_counts
+from pruning.calibration.data import mixed_windows, source_text, window_counts
+from pruning.calibration.texts import NAMES, builtin_text
 from pruning.errors import UserError
-from pruning.texts import NAMES, builtin_text
 
 
 def test_every_builtin_text_is_there_and_substantial() -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pruning.errors import UserError
-from pruning.weight_files import find_weight_files, read_header, stored_tensors
+from pruning.storage.weight_files import find_weight_files, read_header, stored_tensors
 
 
 def write_raw(path: Path, header: dict, data: bytes) -> Path:

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from pruning.families import adapter_for
-from pruning.plan import LayerPlan, PruningPlan
+from pruning.planning.plan import LayerPlan, PruningPlan
 
 ARCHS = ("llama_mha", "llama_gqa", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 TIED_ARCHS = ("llama_gqa", "qwen2", "qwen3", "gemma2", "gemma3")

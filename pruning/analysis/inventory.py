@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pruning.families.base import numel
+from pruning.storage.weight_files import numel
 
 if TYPE_CHECKING:
     from pruning.families import FamilyAdapter

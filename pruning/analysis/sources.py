@@ -17,14 +17,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pruning.analysis import shape_rules
 from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
 from pruning.errors import UserError
-from pruning.families import FAMILIES, GENERIC_FAMILY, FamilyAdapter
+from pruning.families import FAMILIES, GENERIC_FAMILY, FamilyAdapter, shape_rules
 from pruning.families.layout import LAYOUT_KEY, Layout, stock_model_type
-from pruning.jsonio import read_json_object
-from pruning.models import BUILTIN_MODELS, looks_like_hub_id, resolve
-from pruning.weight_files import (
+from pruning.source.builtin import BUILTIN_MODELS, looks_like_hub_id, resolve
+from pruning.storage.json_files import read_json_object
+from pruning.storage.weight_files import (
     PICKLE_SUFFIXES,
     SAFE_INDEX,
     WeightFiles,
@@ -95,7 +94,7 @@ def inventory_from_config(path: str | Path) -> Inventory:
     config_file = Path(path) / "config.json"
     if config_file.is_file():
         data = read_json_object(config_file)
-        family = shape_rules.family(data)
+        family = FAMILIES.get(data.get("model_type"))
         if family is not None:
             _check_values(data, config_file)
             shapes = family.parameter_shapes(data)
@@ -189,7 +188,7 @@ def _plain_config(directory: Path) -> SimpleNamespace:
     data = read_json_object(config_file)
     if "model_type" not in data:
         raise UserError(f"{config_file}: missing key 'model_type'")
-    if shape_rules.family(data) is not None:
+    if FAMILIES.get(data.get("model_type")) is not None:
         _check_values(data, config_file)
     else:  # another family: only what the counting reads
         for key in ("hidden_size", "num_attention_heads", "head_dim"):
@@ -211,7 +210,7 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
     with a ``pruning_layout`` each has the layout's shape. (Without a layout, shapes may differ: other
     tools prune without recording how, and the weights are the truth the report counts.)"""
     data = vars(config)
-    if shape_rules.family(data) is None:
+    if FAMILIES.get(data.get("model_type")) is None:
         return
     diff = shape_rules.compare_to_config(data, shapes)
     if diff.missing:

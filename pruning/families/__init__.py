@@ -8,7 +8,6 @@ of that type is pruned or analysed. ``FamilyRegistry.register`` does the same fr
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from pruning.errors import UserError
@@ -21,6 +20,7 @@ from pruning.families.mistral import MistralFamily
 from pruning.families.phi3 import Phi3Family
 from pruning.families.qwen2 import Qwen2Family
 from pruning.families.qwen3 import Qwen3Family
+from pruning.plugins import load_plugin, plugin_names
 
 __all__ = [
     "ATTENTION",
@@ -70,7 +70,7 @@ class FamilyRegistry:
 
     def model_types(self) -> list[str]:
         """Every model_type that has an adapter, plugins included (named, not imported)."""
-        plugins = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        plugins = plugin_names(ENTRY_POINT_GROUP)
         return sorted(set(self._adapters) | plugins)
 
     def get(self, model_type: Any) -> FamilyAdapter | None:
@@ -86,21 +86,15 @@ class FamilyRegistry:
         return self._adapters.get(model_type)
 
     def _load_plugin(self, model_type: str) -> None:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name != model_type:
-                continue
-            try:
-                adapter = ep.load()
-            except Exception as e:  # a broken plugin is named, not a traceback
-                raise UserError(f"model family plugin {ep.name!r} ({ep.value}) failed to load: {e}") from e
-            if not (isinstance(adapter, type) and issubclass(adapter, FamilyAdapter)):
-                raise UserError(
-                    f"model family plugin {ep.name!r} ({ep.value}) is not a FamilyAdapter subclass"
-                )
-            if model_type not in adapter.model_types:
-                raise UserError(f"model family plugin {ep.name!r} ({ep.value}) does not list {model_type!r}")
-            self.register(adapter)
+        found = load_plugin(ENTRY_POINT_GROUP, model_type, "model family")
+        if found is None:
             return
+        adapter, where = found
+        if not (isinstance(adapter, type) and issubclass(adapter, FamilyAdapter)):
+            raise UserError(f"model family plugin {model_type!r} ({where}) is not a FamilyAdapter subclass")
+        if model_type not in adapter.model_types:
+            raise UserError(f"model family plugin {model_type!r} ({where}) does not list {model_type!r}")
+        self.register(adapter)
 
     def for_gguf_arch(self, arch: Any) -> FamilyAdapter | None:
         """The first registered adapter whose llama.cpp architecture name is ``arch``, else a plugin

@@ -1,7 +1,7 @@
 """The one interface the package asks about a model family: what a decoder layer holds, who owns what.
 
 Scoring, costs, surgery, checkpoints and analysis hold no family knowledge; they ask an adapter. A
-family is one module with one ``FamilyAdapter`` subclass (README, "Adding a model family").
+family is one module with one ``FamilyAdapter`` subclass (docs/families.md, "Adding a model family").
 
 Every family has two kinds of prunable structure:
 
@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pruning.families.layout import LayerSizes, layout_in
+from pruning.storage.weight_files import numel
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -126,13 +127,6 @@ class LayerCosts:
 
     def block_cost(self, kind: str) -> int:
         return self.attention_block_cost if kind == ATTENTION else self.mlp_block_cost
-
-
-def numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 class FamilyAdapter:
@@ -292,17 +286,6 @@ class FamilyAdapter:
 
     def costs(self, layer: nn.Module, head_dim: int) -> LayerCosts:
         return self.layer_costs(_shapes_of(layer), head_dim)
-
-    def remove_block(self, layer: nn.Module, kind: str, layer_idx: int, head_dim: int) -> None:
-        """Replace an emptied block by its parameter-free Zero* stand-in and its norms by Identity."""
-        from torch import nn
-
-        from pruning.modules import ZeroAttention, ZeroMLP
-
-        zero = ZeroAttention(layer_idx, head_dim) if kind == ATTENTION else ZeroMLP()
-        layer.set_submodule(self.blocks[kind], zero)
-        for path in self.block_norms(kind):
-            layer.set_submodule(path, nn.Identity())
 
     def resized(self, layer: nn.Module, kind: str, geometry: LayerGeometry) -> None:
         """Bring module attributes that hold sizes in line with the new weights (after surgery)."""

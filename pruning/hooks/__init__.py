@@ -1,6 +1,6 @@
 """Lifecycle hooks: the pipeline's extension point.
 
-See ``pruning.hooks.base`` for the interface and the README's "Writing a hook" for an example.
+See ``pruning.hooks.base`` for the interface and docs/hooks.md for an example.
 """
 
 from pruning.hooks.base import Event, Hook

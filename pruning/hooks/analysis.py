@@ -8,8 +8,8 @@ from typing import Any
 from pruning import reports
 from pruning.analysis import ModelAnalyzer, ModelComparator
 from pruning.analysis.text_report import LABELS
-from pruning.context import PipelineContext
 from pruning.hooks.base import Hook
+from pruning.hooks.context import PipelineContext
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ class AnalysisHook(Hook):
 
     Params: ``lang`` (``en`` or ``zh``), ``verbose`` (per-layer lines in the log). Reports go to
     ``<output dir>/analysis/``. That the checkpoint on disk matches the model is checked by the saving
-    code itself (``pruning.checkpoint.verify_saved``), so it holds without this hook.
+    code itself (``pruning.checkpoint.save.verify_saved``), so it holds without this hook.
     """
 
     subdir = "analysis"

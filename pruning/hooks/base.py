@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pruning.context import PipelineContext
+from pruning.hooks.context import PipelineContext
 
 
 class Event(str, Enum):

@@ -1,4 +1,4 @@
-"""The built-in ``gguf`` hook: the saved checkpoint as a GGUF file for llama.cpp (pruning.gguf_export)."""
+"""The built-in ``gguf`` hook: the saved checkpoint as a GGUF file for llama.cpp (pruning.export.gguf)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 import logging
 from typing import Any
 
-from pruning.context import PipelineContext
 from pruning.errors import UserError
 from pruning.hooks.base import Hook
+from pruning.hooks.context import PipelineContext
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class GgufHook(Hook):
     subdir = "gguf"
 
     def __init__(self, dtype: str = "f16", filename: str | None = None) -> None:
-        from pruning.gguf_export import QTYPES
+        from pruning.export.gguf import QTYPES
 
         if dtype not in QTYPES:
             raise ValueError(f"dtype must be one of {sorted(QTYPES)}, got {dtype!r}")
@@ -36,8 +36,8 @@ class GgufHook(Hook):
 
     def before_prune(self, context: PipelineContext, **kwargs: Any) -> None:
         """Refuse a model the export cannot write now, not after hours of scoring."""
-        from pruning.gguf_export import check_exportable
-        from pruning.gguf_vocab import tokenizer_model_of
+        from pruning.export.gguf import check_exportable
+        from pruning.export.gguf_vocab import tokenizer_model_of
 
         check_exportable(context.model.config.to_dict(), context.model_path or "the model")
         backend = getattr(context.tokenizer, "backend_tokenizer", None)
@@ -47,7 +47,7 @@ class GgufHook(Hook):
 
     def after_save(self, context: PipelineContext, **kwargs: Any) -> None:
         """Export the checkpoint just saved."""
-        from pruning.gguf_export import export_gguf
+        from pruning.export.gguf import export_gguf
 
         if context.checkpoint_dir is None:
             raise RuntimeError("after_save fired without a checkpoint")

@@ -3,7 +3,7 @@
 A perplexity means nothing without its protocol, so the report carries it whole (text, tokenizer,
 window length, stride, token count, dtype) and two runs can be compared field by field. Windows are
 consecutive and non-overlapping (stride = window length, no context carried across), as papers report.
-A model the run streams (``pruning.streaming``) is evaluated one decoder layer at a time, with the
+A model the run streams (``pruning.source.streaming``) is evaluated one decoder layer at a time, with the
 same logits a whole-model forward gives.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pruning import reports
-from pruning.context import PipelineContext
 from pruning.hooks.base import Hook
+from pruning.hooks.context import PipelineContext
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper-2048": {"seq_len": 2048, "max_tokens": None},  # LLM-Pruner, FLAP, SliceGPT, Wanda tables
     "paper-128": {"seq_len": 128, "max_tokens": None},  # LLM-Pruner's short-context row
-    "quick": {"seq_len": 512, "max_tokens": 8192},  # the first 8,192 tokens in 512-token windows (README)
+    "quick": {
+        "seq_len": 512,
+        "max_tokens": 8192,
+    },  # first 8,192 tokens, 512-token windows (docs/running.md)
     "quick-32k": {"seq_len": 512, "max_tokens": 32768},  # the first 32,768 (benchmarks/quality.py)
 }
 DEFAULT_TEXT = "data/wikitext-2-raw/wiki.test.raw"
@@ -49,7 +52,7 @@ class PerplexityHook(Hook):
         max_tokens: int | None = None,
         batch_size: int = 1,
     ) -> None:
-        from pruning.data import looks_like_path
+        from pruning.calibration.data import looks_like_path
 
         if looks_like_path(text) and not Path(text).expanduser().is_file():
             raise ValueError(f"text file not found: {text}")  # said before any weight is read
@@ -72,7 +75,7 @@ class PerplexityHook(Hook):
 
     def before_prune(self, context: PipelineContext, **kwargs: Any) -> None:
         """Tokenise the text once and measure the dense model."""
-        from pruning.evaluation import evaluation_windows
+        from pruning.calibration.perplexity import evaluation_windows
 
         self.windows = evaluation_windows(self.text, context.tokenizer, self.seq_len, self.max_tokens)
         self.dense = self._measure(context)
@@ -99,7 +102,7 @@ class PerplexityHook(Hook):
         logger.info("  wrote %s", (context.published_dir or context.output_dir) / self.subdir / out.name)
 
     def _measure(self, context: PipelineContext) -> dict[str, float]:
-        from pruning.evaluation import perplexity
+        from pruning.calibration.perplexity import perplexity
 
         streamed = any(p.is_meta for p in context.model.parameters())
         start = time.perf_counter()

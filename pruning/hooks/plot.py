@@ -15,11 +15,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pruning.context import PipelineContext
 from pruning.errors import UserError
-from pruning.fsutil import write_bytes_atomic
 from pruning.hooks.base import Hook
-from pruning.plan import PruningPlan
+from pruning.hooks.context import PipelineContext
+from pruning.planning.plan import PruningPlan
+from pruning.storage.fs import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pruning.config import HookConfig
-from pruning.context import PipelineContext
 from pruning.errors import UserError
-from pruning.fsutil import SPACE_ERRNOS, disk_errno
 from pruning.hooks.base import Event
+from pruning.hooks.context import PipelineContext
 from pruning.hooks.registry import HookRegistry, default_registry, instantiate
+from pruning.storage.fs import SPACE_ERRNOS, disk_errno
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,104 @@
+"""The checks on output.dir: overwrite by manifest only, no links, names and places a run cannot use."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pruning.errors import UserError
+from pruning.rundir.target import check_output_dir, check_writable, resolve_target
+from pruning.storage.fs import remove_listed
+from tests.finished_runs import finish_run
+
+
+def test_an_empty_user_directory_is_refused_too(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "keep").mkdir()
+    with pytest.raises(UserError, match="keep/ .not written by a pruning run"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_changed_file_is_refused(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "plan.json").write_text('{"edited": true}')
+    with pytest.raises(UserError, match="plan.json .changed since the run wrote it"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_symlink_in_the_run_is_refused_and_never_followed(tmp_path: Path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep")
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "model.safetensors").unlink()
+    (target / "models" / "model.safetensors").symlink_to(precious / "data.txt")
+    with pytest.raises(UserError, match="model.safetensors .a symlink"):
+        check_output_dir(target, True, "/nonexistent")
+    assert (precious / "data.txt").read_text() == "keep"
+
+
+def test_listed_removal_never_follows_links(tmp_path: Path):
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.txt").write_text("keep")
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "a.bin").write_text("a")
+    (root / "linked").symlink_to(outside)
+    left = remove_listed(root, ["models/a.bin", "linked/x.txt", "../outside/x.txt"])
+    assert (outside / "x.txt").read_text() == "keep"
+    assert [p.name for p in left] == ["linked"] and not (root / "models").exists()
+
+
+def test_a_manifest_cannot_name_files_outside_the_run(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    record = json.loads((target / "run.json").read_text())
+    record["files"]["../victim.txt"] = 4
+    (target / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"not a valid run record.*\$\.files\['\.\./victim\.txt'\]"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_run_json_without_a_manifest_is_refused(tmp_path: Path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "run.json").write_text('{"name": "from an older version"}')
+    (target / "models").mkdir()
+    with pytest.raises(UserError, match="run.json is not a valid run record"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_output_dir_is_refused(value: str):
+    with pytest.raises(UserError, match="output.dir: must not be empty"):
+        resolve_target(value)
+
+
+def test_dangling_symlink_target_is_refused(tmp_path: Path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match="is a symlink to nothing"):
+        resolve_target(str(tmp_path / "link"))
+
+
+def test_not_enough_free_space_is_refused_before_anything_is_written(tmp_path: Path):
+    with pytest.raises(UserError, match=r"GiB free, the run needs about"):
+        check_writable(tmp_path / "out", needed_bytes=2**62)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mount_point_cannot_be_published_over():
+    with pytest.raises(UserError, match="output.dir /proc is a mount point; .*such as /proc/run"):
+        check_output_dir(Path("/proc"), True, "/nonexistent")
+
+
+def test_names_the_staging_directory_cannot_follow(tmp_path: Path):
+    with pytest.raises(UserError, match="output.dir: must not contain a NUL"):
+        resolve_target("out\0x")
+    with pytest.raises(UserError, match=r"is 240 bytes long; at most 223"):
+        resolve_target(str(tmp_path / ("a" * 240)))
+    assert resolve_target(".") == Path(os.getcwd())
+    assert resolve_target(str(tmp_path / "x" / "..")) == tmp_path
