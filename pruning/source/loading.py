@@ -1,4 +1,5 @@
-"""Load the model to prune: built-in name, local directory or hub id, checked before weights are read."""
+"""Load the model to prune: a built-in name or hub id resolved to a local directory, then the model
+placed as the config says. The checks that need no weights are ``pruning.pipeline.preflight``'s."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ class LoadedModel:
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, path: str, refuse_streaming: str | None = None) -> LoadedModel:
-    """The model in the configured dtype, placed as ``model.device_map`` says (``pruning.source.placement``),
-    in eval mode; its tokenizer; and the engine's ``LayerStore`` for it.
+    """The model in the local directory ``path``, in the configured dtype, placed as ``model.device_map``
+    says (``pruning.source.placement``), in eval mode; its tokenizer; and the engine's ``LayerStore``.
 
     A model on one device is loaded by ``from_pretrained``; any other placement is read part by part
     from the safetensors onto a meta skeleton, parts on ``disk`` left for the passes to stream.
