@@ -276,15 +276,47 @@ def config_schema() -> dict[str, Any]:
     return schema
 
 
+# A config holds a few dozen values; YAML anchors and aliases can make a 1 KB file stand for billions,
+# which validation would walk and its error message would print whole.
+MAX_CONFIG_VALUES = 100_000
+MAX_MESSAGE_CHARS = 300  # of a schema error's own words (it quotes the offending value)
+
+
 def validate_config(raw: Any, source: str = "config") -> None:
-    """One UserError naming the key path and the rule, for the most specific schema violation."""
+    """One UserError naming the key path and the rule, for the most specific schema violation.
+
+    Bounded in time and size whatever the input: a config that expands to more than
+    ``MAX_CONFIG_VALUES`` values is refused before it is walked, and a message quotes at most
+    ``MAX_MESSAGE_CHARS`` characters.
+    """
+    size = expanded_size(raw)
+    if size > MAX_CONFIG_VALUES:
+        raise UserError(
+            f"{source}: the config expands to {size:,} values (YAML anchors and aliases?); "
+            f"a config has at most {MAX_CONFIG_VALUES:,}"
+        )
     validator = _ConfigValidator(config_schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(raw))
     if error is not None:
-        raise UserError(f"{source}: {dotted(error.absolute_path)}: {error.message}")
+        message = error.message
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(error.message):,} characters)"
+        raise UserError(f"{source}: {dotted(error.absolute_path)}: {message}")
     nan_at = _find_nan(raw, [])
     if nan_at is not None:  # NaN compares false with every bound, so the schema's minimum lets it through
         raise UserError(f"{source}: {dotted(nan_at)}: nan is not a number")
+
+
+def expanded_size(value: Any, seen: dict[int, int] | None = None) -> int:
+    """Values in ``value`` counted as if every shared (aliased) part were a copy, in time linear in the
+    distinct parts: what walking it would cost."""
+    seen = {} if seen is None else seen
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in seen:
+        children = value.values() if isinstance(value, dict) else value
+        seen[id(value)] = 1 + sum(expanded_size(child, seen) for child in children)
+    return seen[id(value)]
 
 
 def _find_nan(value: Any, path: list[Any]) -> list[Any] | None:

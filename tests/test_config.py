@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pruning.config import (
+    MAX_MESSAGE_CHARS,
     CalibrationConfig,
     CompensationConfig,
     HookConfig,
@@ -18,6 +19,7 @@ from pruning.config import (
     PipelineConfig,
     PruningConfig,
     WeightedSource,
+    expanded_size,
     load_config,
     validate_config,
 )
@@ -402,3 +404,41 @@ def test_uniform_and_multiples_parse_and_refuse_protected_layers(tmp_path: Path)
     assert "pruning.uniform" in user_error(write(tmp_path, raw))
     raw["pruning"].update({"uniform": False, "multiple_of": 0})
     assert "multiple_of" in user_error(write(tmp_path, raw))
+
+
+def _alias_bomb(levels: int) -> str:
+    """A 1 KB config whose anchors, each ten references to the one before, stand for 10**levels values."""
+    lines = [
+        "model: {path: some/model}",
+        "pruning: {ratio: 0.2}",
+        "a0: &a0 [" + ", ".join(["lol"] * 10) + "]",
+    ]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_config_of_aliases_that_expands_to_billions_is_one_line_at_once(tmp_path: Path):
+    import time
+
+    start = time.perf_counter()
+    message = user_error(write(tmp_path, _alias_bomb(10)))
+    assert "expands to 123,456,790,126 values" in message and "YAML anchors and aliases" in message
+    assert time.perf_counter() - start < 10  # unbounded, it ran past 1 GB in 20 s and never finished
+
+
+def test_aliases_within_the_bound_are_validated_as_usual(tmp_path: Path):
+    # 10**4 values expanded: legal YAML, so the schema decides (here: the unknown keys)
+    assert "Additional properties are not allowed" in user_error(write(tmp_path, _alias_bomb(3)))
+
+
+def test_a_schema_message_never_quotes_a_value_whole(tmp_path: Path):
+    raw = {**minimal(), "name": "x" * 50_000 + " not allowed"}
+    message = user_error(write(tmp_path, raw))
+    assert message.startswith(f"{tmp_path / 'cfg.yaml'}: name: ") and "characters)" in message
+    assert len(message) < MAX_MESSAGE_CHARS + 200
+
+
+def test_expanded_size_counts_shared_parts_as_copies():
+    leaf = [1, 2, 3]
+    assert expanded_size({"a": leaf, "b": [leaf, leaf]}) == 1 + 4 + (1 + 4 + 4)
+    assert expanded_size(7) == 1

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pruning.errors import UserError
-from pruning.rundir.target import check_output_dir, check_writable, resolve_target
-from pruning.storage.fs import remove_listed
+from pruning.rundir.target import build_manifest, check_output_dir, check_writable, resolve_target
+from pruning.storage.fs import relative_path_problem, remove_listed
 from tests.finished_runs import finish_run
 
 
@@ -102,3 +102,53 @@ def test_names_the_staging_directory_cannot_follow(tmp_path: Path):
         resolve_target(str(tmp_path / ("a" * 240)))
     assert resolve_target(".") == Path(os.getcwd())
     assert resolve_target(str(tmp_path / "x" / "..")) == tmp_path
+
+
+def _with_manifest_entry(target: Path, name: str) -> dict[str, str]:
+    """Add ``name`` to the finished run's manifest (a hand-edited run.json); return the tree's bytes."""
+    record = json.loads((target / "run.json").read_text())
+    record["files"][name] = 1
+    (target / "run.json").write_text(json.dumps(record))
+    return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("models/evil\0name", "must not contain a control character"),
+        ("line\nbreak", "must not contain a control character"),
+        ("x" * 256, "has a component longer than 255 bytes"),
+        ("a/" * 2100 + "b", "is longer than 4096 bytes"),
+        ("a//b", "must be a path inside the run's directory"),
+        ("./plan.json", "must be a path inside the run's directory"),
+    ],
+)
+def test_a_manifest_name_no_file_could_have_is_refused_before_anything_is_touched(
+    tmp_path: Path, name: str, why: str
+):
+    """Finding 1 of the second hostile round: such a name passed validation, the overwrite published,
+    then removing the old run failed on the name and left .out.previous-* for good."""
+    target = finish_run(tmp_path / "out")
+    before = _with_manifest_entry(target, name)
+    with pytest.raises(UserError) as info:
+        check_output_dir(target, True, "/nonexistent")
+    message = str(info.value)
+    assert "run.json is not a valid run record" in message and why in message and "\n" not in message
+    assert len(message) < 600  # the name is quoted shortened, whatever its length
+    after = {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "out"]
+
+
+@pytest.mark.parametrize(
+    "name", ["analysis/plots/a.png", "models/model-00001-of-00002.safetensors", "é.json"]
+)
+def test_names_a_run_writes_are_accepted(name: str):
+    assert relative_path_problem(name) is None
+
+
+def test_a_file_a_hook_named_unlistably_fails_the_manifest(tmp_path: Path):
+    (tmp_path / "ok.json").write_text("{}")
+    (tmp_path / "bad\tname").write_text("{}")
+    with pytest.raises(UserError, match="must not contain a control character"):
+        build_manifest(tmp_path)

@@ -9,10 +9,10 @@ JSON path that breaks one, so a hand-edited or corrupted report is caught by ``r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import PurePosixPath
 from typing import Any
 
 from pruning.families.base import REPORT_ATTENTION_FIELDS, REPORT_MLP_FIELDS
+from pruning.storage.fs import relative_path_problem
 
 Failure = tuple[str, str]  # (JSON path, what is wrong)
 _RATIO_TOLERANCE = 1e-9
@@ -149,9 +149,15 @@ def _run_record(r: dict[str, Any]) -> Iterator[Failure]:
         "$.achieved_layer_ratio", layer_removed, r["layer_params_before"], r["achieved_layer_ratio"]
     )
     for name in r["files"]:  # the manifest decides what a later overwrite deletes: inside the run only
-        path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or not path.parts:
-            yield f"$.files[{name!r}]", "must be a path inside the run's directory"
+        problem = relative_path_problem(name)
+        if problem is not None:
+            yield f"$.files[{_shown(name)}]", problem
+
+
+def _shown(name: str) -> str:
+    """A manifest name as an error may quote it: escaped, and at most 80 characters."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _CHECKS: dict[str, Callable[[dict[str, Any]], Iterator[Failure]]] = {

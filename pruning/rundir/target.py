@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from pruning.errors import UserError
-from pruning.storage.fs import is_mount_point
+from pruning.storage.fs import is_mount_point, relative_path_problem
 
 CHECKPOINT_SUBDIR = "models"
 ANALYSIS_SUBDIR = "analysis"
@@ -176,5 +176,8 @@ def build_manifest(directory: Path) -> dict[str, int]:
             info = os.lstat(path)
             rel = str(path.relative_to(directory))
             if stat.S_ISREG(info.st_mode) and rel != RUN_RECORD:
+                problem = relative_path_problem(rel)
+                if problem is not None:  # a hook wrote it; a manifest could not list it safely
+                    raise UserError(f"output.dir: the run wrote a file whose name {problem}: {rel!r:.80}")
                 files[rel] = info.st_size
     return dict(sorted(files.items()))

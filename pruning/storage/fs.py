@@ -164,3 +164,30 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+NAME_MAX = 255  # bytes in one path component (Linux, and most filesystems)
+PATH_MAX = 4096  # bytes in a whole path (Linux)
+
+
+def relative_path_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a file inside a directory on this platform, or None when it can: a
+    relative path of non-empty components, none ``.`` or ``..``, none longer than ``NAME_MAX`` bytes,
+    no control character (NUL included), at most ``PATH_MAX`` bytes in all. A run's manifest holds
+    only such names, so removing what it lists can never fail on a name or leave the directory."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty path"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not contain a control character"
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeError:
+        return "must be encodable as a file name here"
+    if len(encoded) > PATH_MAX:
+        return f"is longer than {PATH_MAX} bytes"
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        return "must be a path inside the run's directory"
+    if any(len(os.fsencode(part)) > NAME_MAX for part in parts):
+        return f"has a component longer than {NAME_MAX} bytes"
+    return None
