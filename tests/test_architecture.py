@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import pruning
 from pruning.criteria.registry import CRITERIA
 from tests.import_graph import PACKAGE, cycles, import_graph
 from tests.tiny_pipeline import build_tiny_model_dir, write_config
@@ -164,5 +163,12 @@ def test_an_unregistered_name_is_one_line_naming_the_known_ones(tmp_path: Path) 
     assert all(name in str(caught.value) for name in CRITERIA.names())
 
 
-def test_the_package_root_is_light() -> None:
-    assert pruning.load_pruned_model.__module__ == "pruning"
+def test_importing_the_package_root_imports_no_wing() -> None:
+    """``import pruning`` is the facade: its lazy ``load_pruned_model`` must not load torch or a wing."""
+    import subprocess
+
+    probe = (
+        "import sys, pruning; print(sorted(m for m in sys.modules if m.startswith(('pruning.', 'torch'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
