@@ -117,6 +117,8 @@ def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str]) -> dic
         "pruning.importance=activation",  # what these figures measure; obs_fisher cannot stream
         "--set",
         "compensation.selection=plan",
+        "--set",  # one text: the default mix's 5% shares would round to no window of 8
+        "calibration.sources=[{source: data/wikitext-2-raw/wiki.valid.raw, weight: 1}]",
         "--set",
         "calibration.num_samples=8",
         "--set",

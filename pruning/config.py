@@ -19,6 +19,7 @@ import yaml
 
 from pruning.errors import UserError
 from pruning.reports import load_schema
+from pruning.storage.fs import MAX_CONFIG_BYTES, read_text_file_bounded
 
 CONFIG_SCHEMA = "config.schema.json"
 
@@ -211,16 +212,13 @@ def _check_renamed(raw: dict[str, Any], source: str) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: config file not found") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read config file ({e})") from e
+    text = read_text_file_bounded(path, what="config file", limit=MAX_CONFIG_BYTES)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except RecursionError as e:
         raise UserError(f"{path}: not valid YAML: nested too deeply") from e
+    except ValueError as e:  # int() refusing a number of more than 4300 digits
+        raise UserError(f"{path}: not valid YAML: {str(e)[:200]}") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -236,8 +234,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         raise UserError(f"--set {override!r}: expected key.path=value")
     try:
         parsed = yaml.load(value, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {override!r}: value is not valid YAML") from e
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a 5000-digit integer
+        raise UserError(f"--set {override[:200]!r}: value is not valid YAML") from e
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -302,9 +300,9 @@ def validate_config(raw: Any, source: str = "config") -> None:
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[:MAX_MESSAGE_CHARS] + f"... ({len(error.message):,} characters)"
         raise UserError(f"{source}: {dotted(error.absolute_path)}: {message}")
-    nan_at = _find_nan(raw, [])
-    if nan_at is not None:  # NaN compares false with every bound, so the schema's minimum lets it through
-        raise UserError(f"{source}: {dotted(nan_at)}: nan is not a number")
+    bad_at = _find_not_finite(raw, [])
+    if bad_at is not None:  # NaN compares false with every bound, so the schema's minimum lets it through
+        raise UserError(f"{source}: {dotted(bad_at)}: must be a finite number (nan and inf are not)")
 
 
 def expanded_size(value: Any, seen: dict[int, int] | None = None) -> int:
@@ -319,12 +317,14 @@ def expanded_size(value: Any, seen: dict[int, int] | None = None) -> int:
     return seen[id(value)]
 
 
-def _find_nan(value: Any, path: list[Any]) -> list[Any] | None:
-    if isinstance(value, float) and math.isnan(value):
+def _find_not_finite(value: Any, path: list[Any]) -> list[Any] | None:
+    """The first NaN or infinity: no setting has a use for one, and each would pass the schema's bounds
+    (NaN) or overflow a sum (a calibration weight of .inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
         return path
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, child in items:
-        found = _find_nan(child, [*path, key])
+        found = _find_not_finite(child, [*path, key])
         if found is not None:
             return found
     return None

@@ -209,7 +209,7 @@ def test_save_json_onto_a_directory(tmp_path: Path):
     assert (
         result.returncode == 2
         and result.stderr.strip()
-        == f"error: {tmp_path / 'taken'}: is a directory; " + ("give a file name for the JSON")
+        == f"error: --save_json {tmp_path / 'taken'}: is a directory; give a file name"
     )
     assert list((tmp_path / "taken").iterdir()) == []
 
@@ -337,3 +337,116 @@ def test_save_json_below_a_file(tmp_path: Path):
     assert result.returncode == 2 and result.stderr.strip().startswith(
         f"error: {target}: cannot write here: "
     )
+
+
+def _gguf_export(tmp_path: Path, arch: str, plan_kind: str, dtype: str = "f32") -> tuple[Path, Path]:
+    """A tiny model pruned by ``plan_kind``, saved, and exported by this package's GGUF export."""
+    from pruning.export.gguf import export_gguf
+    from tests.test_gguf_export import saved
+
+    checkpoint = saved(tmp_path, arch, plan_kind)
+    return checkpoint, export_gguf(checkpoint, tmp_path / f"{arch}.gguf", dtype=dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "qwen2"])
+def test_gguf_export_of_a_nonuniform_model_is_counted_per_layer(tmp_path: Path, arch: str):
+    """The export writes a non-uniform model as ``deci``, its head, KV-head and feed-forward counts as
+    per-layer arrays. Each layer is counted as in the checkpoint, plus exactly the zero stand-ins
+    docs/export.md lists (one KV group in layer 0, one channel where llama.cpp cannot skip an MLP)."""
+    checkpoint, gguf_file = _gguf_export(tmp_path, arch, "nonuniform")
+    reports = {}
+    for name, path in (("checkpoint", checkpoint), ("gguf", gguf_file)):
+        out = tmp_path / f"{name}.json"
+        result = run("--model_path", str(path), "--save_json", str(out), "--verbose")
+        assert result.returncode == 0, result.stderr
+        reports[name] = json.loads(out.read_text())
+    checkpoint_report, gguf_report = reports["checkpoint"], reports["gguf"]
+    hidden, head_dim = checkpoint_report["hidden_size"], checkpoint_report["head_dim"]
+    group = 2  # the tiny models' 4 heads over 2 KV heads
+    last = len(checkpoint_report["layers"]) - 1
+    expected, stand_ins = [], 0
+    for layer in checkpoint_report["layers"]:
+        idx, total, attention = layer["layer_idx"], layer["total"], layer["attention"]
+        heads, kv, ff = attention["num_heads"], attention["num_kv_heads"], layer["mlp"]["intermediate_size"]
+        if idx == 0 and kv == 0:  # q, k, v, o of one KV group, and the attention norm
+            heads, kv, added = group, 1, (2 * group + 2) * head_dim * hidden + hidden
+            total, stand_ins = total + added, stand_ins + added
+        if ff == 0 and (kv or idx == last):  # gate, up, down of one channel, and the MLP norm
+            ff, total, stand_ins = 1, total + 4 * hidden, stand_ins + 4 * hidden
+        expected.append((heads, kv, ff, total))
+    found = [
+        (a["num_heads"], a["num_kv_heads"], m["intermediate_size"], layer["total"])
+        for layer in gguf_report["layers"]
+        for a, m in [(layer["attention"], layer["mlp"])]
+    ]
+    assert found == expected
+    assert len({counts[:3] for counts in expected}) == len(expected)  # every layer differs: no one value fits
+    assert stand_ins and gguf_report["total_params"] == checkpoint_report["total_params"] + stand_ins
+    assert gguf_report["embedding_params"] == checkpoint_report["embedding_params"]
+    assert gguf_report["source"] == "gguf" and checkpoint_report["source"] == "safetensors"
+    assert gguf_report["model_type"] == "deci"
+    assert gguf_report["layers"][1]["attention"]["type"] == "DeciLMAttention"
+
+
+@pytest.mark.parametrize("plan_kind", ["uniform", "dense"])
+def test_gguf_export_of_a_uniform_or_dense_model_counts_as_its_checkpoint(tmp_path: Path, plan_kind: str):
+    """Written as plain ``llama`` with one count for every layer: the same report as the checkpoint's."""
+    from pruning.analysis import ModelAnalyzer
+
+    checkpoint, gguf_file = _gguf_export(tmp_path, "llama_gqa", plan_kind, dtype="f16")
+    from_checkpoint = ModelAnalyzer(checkpoint, "m").analyze()
+    from_gguf = ModelAnalyzer(gguf_file, "m").analyze()
+    assert from_gguf["source"] == "gguf" and from_gguf["dtype"] == "gguf:F16"
+    assert {**from_gguf, "source": "safetensors", "dtype": "float32"} == from_checkpoint
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "/dev/null"])
+def test_save_json_writes_only_a_regular_file_or_a_new_name(tmp_path: Path, kind: str):
+    """Finding 6: the atomic rename replaced a symlink, a FIFO or a device node with a plain file."""
+    import os
+
+    victim = tmp_path / "victim.json"
+    victim.write_text("keep")
+    if kind == "symlink":
+        (target := tmp_path / "link.json").symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(target := tmp_path / "pipe.json")
+    else:
+        target = Path(kind)
+    result = run("--model_path", str(config_dir("llama-2-7b")), "--save_json", str(target))
+    assert result.returncode == 2 and result.stdout == ""  # refused before the analysis ran
+    assert (
+        result.stderr.startswith(f"error: --save_json {target}: is ") and len(result.stderr.splitlines()) == 1
+    )
+    assert "the tool writes only a regular file or a new name" in result.stderr
+    assert victim.read_text() == "keep" and (kind != "symlink" or target.is_symlink())
+    assert kind != "/dev/null" or Path("/dev/null").is_char_device()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom"])
+def test_validate_reads_only_a_regular_file(tmp_path: Path, kind: str):
+    """Finding 8: a FIFO hung, /dev/zero and /dev/urandom ran out of memory."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(path := tmp_path / "pipe.json")
+    else:
+        path = Path(kind)
+    result = subprocess.run(
+        [sys.executable, "-m", "pruning.analysis", "--validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {path}: not a regular file (a FIFO, device or socket); give a JSON report file"
+    )
+
+
+def test_validate_a_5000_digit_number_is_one_line(tmp_path: Path):
+    path = tmp_path / "report.json"
+    path.write_text('{"report_type": "model_analysis", "total_params": ' + "9" * 5000 + "}")
+    result = run("--validate", str(path))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {path}: holds a number too long to be read (Exceeds the limit")

@@ -154,7 +154,7 @@ CONFIG_VS_MODEL = {
         {"calibration": {"seed": 2**64}},
         "calibration.seed: 18446744073709551616 is greater than the maximum",
     ),
-    "nan": ({"pruning": {"ratio": float("nan")}}, "pruning.ratio: nan is not a number"),
+    "nan": ({"pruning": {"ratio": float("nan")}}, "pruning.ratio: must be a finite number"),
 }
 
 
@@ -172,7 +172,7 @@ def test_nan_ratio_from_the_command_line(tmp_path: Path, tiny_dir: Path, capsys)
     fails(
         capsys,
         ["--config", str(config), "--dry-run", "--set", "pruning.ratio=.nan"],
-        "pruning.ratio: nan is not a number",
+        "pruning.ratio: must be a finite number",
     )
 
 
@@ -274,3 +274,185 @@ def test_single_file_beats_the_index_as_in_transformers(tmp_path: Path, tiny_dir
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     _drop(model / "model.safetensors")
     run_fails(capsys, tmp_path, model, "weights lack")
+
+
+# -- the second hostile round (issue 19): every case one line, exit 2, before any weight loads ---------
+
+
+def _fifo(path: Path) -> Path:
+    import os
+
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "directory"])
+def test_a_config_that_is_not_a_regular_file(tmp_path: Path, capsys, kind: str):
+    """Finding 8: a FIFO hung, /dev/zero ran out of memory."""
+    if kind == "fifo":
+        config = _fifo(tmp_path / "c.yaml")
+    elif kind == "directory":
+        (config := tmp_path / "c.yaml").mkdir()
+    else:
+        config = Path(kind)
+    needle = "is a directory, not a config file" if kind == "directory" else "not a regular file"
+    fails(capsys, ["--config", str(config), "--dry-run"], f"{config}: {needle}")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "override", "needle"),
+    [
+        ("calibration: {seed: " + "7" * 5000 + "}", None, "not valid YAML: Exceeds the limit (4300 digits)"),
+        ("", "calibration.seed=" + "7" * 5000, "value is not valid YAML"),
+    ],
+    ids=["in-the-file", "in---set"],
+)
+def test_a_5000_digit_integer_is_one_line(
+    tmp_path: Path, tiny_dir: Path, capsys, yaml_text, override, needle
+):
+    config = write_config(tmp_path / "c.yaml", tiny_dir, tmp_path / "out")
+    config.write_text(config.read_text().replace("calibration:", "calibration_was:", 1) + yaml_text)
+    if override is not None:
+        config = write_config(tmp_path / "c.yaml", tiny_dir, tmp_path / "out")
+    message = fails(capsys, ["--config", str(config), *(["--set", override] if override else [])], needle)
+    assert len(message) < 600
+
+
+def _mix_config(tmp_path: Path, tiny_dir: Path, out: Path, sources: list[dict]) -> Path:
+    import yaml
+
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out)
+    data = yaml.safe_load(config.read_text())
+    del data["calibration"]["source"]
+    data["calibration"]["sources"] = sources
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_an_infinite_calibration_weight(tmp_path: Path, tiny_dir: Path, capsys, dry_run: bool):
+    """Finding 7: ``.inf`` passed validation (exclusiveMinimum 0) and crashed after loading."""
+    out = tmp_path / "out"
+    sources = [
+        {"source": "builtin:python-code", "weight": float("inf")},
+        {"source": "builtin:python-docs", "weight": 1.0},
+    ]
+    config = _mix_config(tmp_path, tiny_dir, out, sources)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(capsys, argv, "calibration.sources[0].weight: must be a finite number", out=out)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_weight_that_rounds_to_no_window_fails_before_loading(tmp_path, tiny_dir, capsys, dry_run):
+    out = tmp_path / "out"
+    sources = [
+        {"source": "builtin:python-code", "weight": 1.0},
+        {"source": "builtin:python-docs", "weight": 1e-9},
+    ]
+    config = _mix_config(tmp_path, tiny_dir, out, sources)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(
+        capsys,
+        argv,
+        "calibration.sources: builtin:python-docs (weight 1e-09) gets no window of the 4",
+        out=out,
+    )
+
+
+def _text_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.txt"
+    contents = {"empty": b"", "blank": b" \n\n \t\n", "short": b"Just a few words.", "binary": bytes(4096)}
+    if kind == "not-utf8":
+        path.write_bytes(b"\xff\xfe" * 2048)
+    else:
+        path.write_bytes(contents[kind])
+    return path
+
+
+TEXT_PROBLEMS = {
+    "empty": "is empty",
+    "blank": "is empty",
+    "short": "has 17 bytes, fewer than the",
+    "binary": "is binary, not text (it holds control characters)",
+    "not-utf8": "is not UTF-8 text (byte 0)",
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("kind", list(TEXT_PROBLEMS))
+def test_a_calibration_text_that_cannot_give_a_window(tmp_path, tiny_dir, capsys, kind: str, dry_run: bool):
+    out = tmp_path / "out"
+    text = _text_file(tmp_path, kind)
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out, calibration={"source": str(text)})
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(capsys, argv, "calibration.source: ", TEXT_PROBLEMS[kind], out=out)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("kind", [*TEXT_PROBLEMS, "fifo"])
+def test_a_perplexity_text_that_cannot_give_a_window(tmp_path, tiny_dir, capsys, kind: str, dry_run: bool):
+    """Finding 12: these failed as a hook error (exit 1) after the model had loaded."""
+    out = tmp_path / "out"
+    text = _fifo(tmp_path / "t.txt") if kind == "fifo" else _text_file(tmp_path, kind)
+    hooks = [{"name": "perplexity", "params": {"text": str(text), "protocol": "paper-128"}}]
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out, hooks=hooks)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    needle = "not a regular file" if kind == "fifo" else TEXT_PROBLEMS[kind]
+    fails(capsys, argv, "hooks: hooks[0] perplexity: ", needle, out=out)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_disk_placement_with_streaming_never(tmp_path: Path, tiny_dir: Path, capsys, dry_run: bool):
+    """Finding 10: the dry run said OK, the run refused after reading the config."""
+    out = tmp_path / "out"
+    model = {"device_map": {"": "disk"}, "streaming": "never"}
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out, model=model)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(capsys, argv, "model.streaming is never, but model.device_map puts the model on disk", out=out)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_directory_at_the_lock_path(tmp_path: Path, tiny_dir: Path, capsys, dry_run: bool):
+    """Finding 7: IsADirectoryError, a traceback, on every run until the user found the directory."""
+    out = tmp_path / "out"
+    (tmp_path / ".out.lock").mkdir()
+    config = write_config(tmp_path / "c.yaml", tiny_dir, out)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(capsys, argv, f"the lock file {tmp_path / '.out.lock'} is a directory; remove it")
+    assert (tmp_path / ".out.lock").is_dir() and not out.exists()
+
+
+def test_a_multiple_of_above_the_mlp_size_is_a_warning(tmp_path: Path, tiny_dir: Path, capsys, caplog):
+    """Finding 13: multiple_of 256 on a 128-channel MLP removed 34.9% for a 20% target, silently."""
+    config = write_config(tmp_path / "c.yaml", tiny_dir, tmp_path / "out", pruning={"multiple_of": 256})
+    assert main(["--config", str(config), "--dry-run"]) == 0
+    assert "pruning.multiple_of: 256 is more than the 128 MLP channels each layer has" in caplog.text
+
+
+WEIGHTS_NOT_A_FILE = {
+    "fifo": "model.safetensors: is a FIFO, device or socket, not a weights file",
+    "directory": "model.safetensors: is a directory, not a weights file",
+    "link-to-dev-zero": "model.safetensors: is a FIFO, device or socket, not a weights file",
+    "dangling-link": "model.safetensors: is a symbolic link to ",
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("kind", list(WEIGHTS_NOT_A_FILE))
+def test_weights_that_are_not_a_file(tmp_path: Path, tiny_dir: Path, capsys, kind: str, dry_run: bool):
+    """Finding 10: the dry run skipped such a model.safetensors and said OK; the run found no weights."""
+    import os
+
+    model = model_copy(tiny_dir, tmp_path)
+    weights = model / "model.safetensors"
+    weights.unlink()
+    if kind == "fifo":
+        os.mkfifo(weights)
+    elif kind == "directory":
+        weights.mkdir()
+    else:
+        weights.symlink_to("/dev/zero" if kind == "link-to-dev-zero" else tmp_path / "nowhere")
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", model, out)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(capsys, argv, f"model.path: {weights}", WEIGHTS_NOT_A_FILE[kind], out=out)

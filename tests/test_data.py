@@ -130,3 +130,12 @@ def test_perplexity_matches_model_loss_and_batching() -> None:
     assert ppl1 == pytest.approx(math.exp(loss.item()), rel=1e-5)
     assert ppl3 == pytest.approx(ppl1, rel=1e-5)
     assert not model.training
+
+
+def test_weights_near_the_float_limit_split_evenly() -> None:
+    """Finding 7: two weights of 1e308 overflowed their sum to infinity, and every share to NaN."""
+    from pruning.calibration.data import window_counts
+
+    assert window_counts([1e308, 1e308], 4) == [2, 2]
+    assert window_counts([1.7e308, 0.85e308, 0.85e308], 8) == [4, 2, 2]
+    assert window_counts([5e-324, 5e-324], 3) == [2, 1]  # the smallest too: ties go to the earlier

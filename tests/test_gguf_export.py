@@ -201,8 +201,11 @@ def test_gguf_hook_refuses_a_family_before_pruning(tmp_path: Path) -> None:
     context = SimpleNamespace(model=tiny_model("phi3"), model_path="phi", tokenizer=build_tokenizer(VOCAB))
     with pytest.raises(UserError, match="phi3 is not one of them"):
         GgufHook().before_prune(context)
-    context.model = tiny_model("llama_gqa")
-    GgufHook().before_prune(context)  # a family it writes passes
+    context.model = tiny_model("llama_gqa")  # 128 tokens, a tokenizer of 300: the export would refuse it
+    with pytest.raises(UserError, match=r"is outside the vocabulary \(0\.\.127\)"):
+        GgufHook().before_prune(context)
+    context.model = tiny_model("llama_gqa", vocab_size=VOCAB)
+    GgufHook().before_prune(context)  # a family it writes, with a tokenizer that fits, passes
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,3 +73,26 @@ def test_a_symlinked_lock_file_is_never_written_through(tmp_path: Path):
     ):
         pass
     assert victim.read_text() == "precious" and lock_path(target).is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_anything_but_a_file_at_the_lock_path_is_one_line_naming_the_fix(tmp_path: Path, kind: str):
+    """Finding 7: a directory at ``.<name>.lock`` was a traceback (IsADirectoryError) on every run."""
+    from pruning.rundir.lock import check_lock_path
+
+    target = tmp_path / "out"
+    path = lock_path(target)
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(tmp_path / "elsewhere")
+    for attempt in (lambda: check_lock_path(target), OutputLock(target).acquire):
+        with pytest.raises(UserError) as info:
+            attempt()
+        message = str(info.value)
+        assert message.startswith(f"output.dir {target}: the lock file {path} ") and message.endswith(
+            "remove it"
+        )
+    assert os.path.lexists(path) and not (tmp_path / "elsewhere").exists()  # nothing made or removed

@@ -99,3 +99,23 @@ def test_named_protocols_are_what_papers_use():
     assert PROTOCOLS["paper-2048"] == {"seq_len": 2048, "max_tokens": None}
     hook = PerplexityHook(protocol="quick")
     assert (hook.seq_len, hook.max_tokens) == (512, 8192)
+
+
+def test_windows_longer_than_the_model_positions_are_a_warning(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """Finding 13: paper-2048 on a model with 128 positions measured positions it never saw, silently."""
+    from transformers import AutoTokenizer
+
+    from pruning.hooks.perplexity import PerplexityHook
+
+    hook = PerplexityHook(protocol="paper-2048", max_tokens=4096)
+    monkeypatch.setattr(hook, "_measure", lambda context: {"perplexity": 1.0, "seconds": 0.0})
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
+    context = SimpleNamespace(model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_dir))
+    hook.before_prune(context)
+    assert "windows of 2048 tokens are longer than the 128 positions the model has" in caplog.text
+    caplog.clear()
+    model.config.max_position_embeddings = 2048
+    hook.before_prune(context)
+    assert "longer than" not in caplog.text

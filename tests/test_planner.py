@@ -254,3 +254,16 @@ def test_planned_size_is_the_size_after_surgery(arch: str, ratio: float):
     assert sum(p.numel() for p in model.parameters()) == plan.params_planned
     if ratio >= 0.35:
         assert plan.layers[1].attention_removed or plan.layers[3].mlp_removed
+
+
+def test_rounding_far_past_the_target_is_a_warning(model: LlamaForCausalLM, caplog) -> None:
+    """Finding 13: multiple_of above the MLP size removes whole MLPs, far more than asked, silently."""
+    from pruning.planning.rounding import KeptShape
+
+    plan = plan_global(model, random_scores(), 0.2, criterion="test", shape=KeptShape(multiple_of=2 * C))
+    removed = plan.params_before - plan.params_planned
+    assert removed > 1.5 * (plan.params_before - plan.params_target)  # the case is real
+    assert "more than the target" in caplog.text and "multiple_of" in caplog.text
+    caplog.clear()
+    plan_global(model, random_scores(), 0.2, criterion="test", shape=KeptShape(multiple_of=2))
+    assert "more than the target" not in caplog.text  # a rounding of a few channels says nothing

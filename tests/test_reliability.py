@@ -347,3 +347,28 @@ def test_a_bind_mounted_output_dir_is_refused_before_loading(tmp_path: Path, tin
     result = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and f"output.dir {out} is a mount point" in one_error_line(result.stderr)
     assert "Load model" not in result.stderr
+
+
+def test_a_source_truncated_after_loading_cannot_kill_an_in_memory_run(tmp_path: Path, tiny_dir: Path):
+    """Finding 11: transformers maps the safetensors, so the model lived in the source's pages and a
+    truncated source killed the run with SIGBUS, no message. The weights are read, not mapped: the
+    process holds no mapping of the source, and truncating it changes nothing."""
+    model = Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    code = (
+        "import os, torch\n"
+        "from pruning.config import ModelConfig\n"
+        "from pruning.source.loading import load_model_and_tokenizer\n"
+        "from pruning.storage.file_pages import safetensors_mappings\n"
+        f"config = ModelConfig(path={str(model)!r}, dtype='float32', device_map='cpu')\n"
+        f"loaded = load_model_and_tokenizer(config, {str(model)!r})\n"
+        "assert safetensors_mappings() == [], safetensors_mappings()\n"
+        f"os.truncate({str(model / 'model.safetensors')!r}, 0)\n"
+        "total = sum(float(p.double().sum()) for p in loaded.model.parameters())\n"
+        "logits = loaded.model(torch.tensor([[1, 2, 3]])).logits\n"
+        "print('ok', torch.isfinite(logits).all().item())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "ok True"

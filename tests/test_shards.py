@@ -125,3 +125,41 @@ def test_a_failed_write_leaves_no_descriptor_open(tmp_path: Path) -> None:
     writer.abort()
     writer.abort()  # twice is harmless
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced-by-a-directory"])
+def test_a_shard_removed_mid_run_is_one_line(tmp_path: Path, change: str) -> None:
+    """Finding 7: a streamed run whose shard was deleted or replaced by a directory raised a traceback."""
+    save_file(_tensors(), tmp_path / SINGLE_FILE)
+    reader = ShardReader(find_weight_files(tmp_path))  # the header is checked here, at the start
+    (tmp_path / SINGLE_FILE).unlink()
+    if change == "replaced-by-a-directory":
+        (tmp_path / SINGLE_FILE).mkdir()
+    with pytest.raises(UserError, match=r"model\.safetensors: cannot read a\.weight \(.*\); was it removed"):
+        reader.read("a.weight")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_source_weights_that_are_not_finite_are_named(tmp_path: Path, bad: float) -> None:
+    """Finding 7: NaN or Inf in the source reached the planner, whose message blamed low precision."""
+    tensors = _tensors()
+    tensors["a.weight"][2, 3] = bad
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    reader = ShardReader(find_weight_files(tmp_path))
+    with pytest.raises(
+        UserError, match=r"a\.weight holds NaN or infinite values; the source weights are broken"
+    ):
+        reader.read("a.weight", torch.float32)
+    assert torch.equal(reader.read("b.weight"), tensors["b.weight"])  # the others read as before
+
+
+def test_a_value_beyond_the_run_dtype_is_named_with_the_fix(tmp_path: Path) -> None:
+    tensors = _tensors()
+    tensors["a.weight"][0, 0] = 1e6  # finite in float32, beyond float16's 65504
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    reader = ShardReader(find_weight_files(tmp_path))
+    with pytest.raises(
+        UserError, match=r"a\.weight holds values beyond the range of float16; choose a wider"
+    ):
+        reader.read("a.weight", torch.float16)
+    assert torch.isfinite(reader.read("a.weight", torch.bfloat16)).all()  # within bfloat16 range: no error

@@ -19,7 +19,10 @@ def test_new_directory_is_published_whole(tmp_path: Path):
     target = tmp_path / "nested" / "out"
     publish_new_run(target, overwrite=False)
     assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
-    assert reports.load(target / "run.json")["files"] == {"models/model.safetensors": 11}
+    info = (target / "models" / "model.safetensors").stat()
+    assert reports.load(target / "run.json")["files"] == {
+        "models/model.safetensors": {"size": 11, "mtime_ns": info.st_mtime_ns}
+    }
     assert siblings(target) == []  # no staging directory and no lock file left behind
 
 
@@ -168,7 +171,7 @@ def test_a_failed_cleanup_after_publishing_is_a_warning(tmp_path: Path, monkeypa
     monkeypatch.setattr(staging, "_remove_previous", denied)
     publish_new_run(target)  # published: the new run is in place whatever the old one's removal does
     assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
-    assert "could not finish removing the replaced run" in caplog.text
+    assert "could not finish removing" in caplog.text and "rm -r -- " in caplog.text
     monkeypatch.undo()
     publish_new_run(target, b"third")  # and the next run is not blocked by the leftover
     assert siblings(target) == []
@@ -226,3 +229,57 @@ def test_signals_are_held_while_other_threads_run():
         stop.set()
         worker.join()
     assert reached == ["after the signals"]
+
+
+def test_a_leftover_that_cannot_be_removed_never_stops_a_run(tmp_path: Path, monkeypatch, caplog):
+    """Whatever a killed run's staging directory holds, the next runs go on and say how to remove it."""
+    target = finish_run(tmp_path / "out")
+    leftover = tmp_path / ".out.staging-77-0123abcd"
+    (leftover / "models").mkdir(parents=True)
+
+    def refused(path: Path) -> None:
+        raise OSError(16, "Device or resource busy", str(path))
+
+    monkeypatch.setattr(staging, "remove_tree", refused)
+    for _ in range(2):  # this run and the next: neither is stopped
+        publish_new_run(target)
+        assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert leftover.is_dir()
+    assert f"could not finish removing {leftover} (Device or resource busy)" in caplog.text
+    assert f"rm -r -- {leftover}" in caplog.text
+
+
+def test_a_removal_failing_on_a_name_is_a_warning_not_a_wedge(tmp_path: Path, monkeypatch, caplog):
+    """Finding 1: remove_listed raised ValueError (a NUL in a name) and every later run failed."""
+    target = finish_run(tmp_path / "out")
+
+    def bad_name(root: Path, names) -> list[Path]:
+        raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(staging, "remove_listed", bad_name)
+    publish_new_run(target)
+    monkeypatch.undo()
+    assert "embedded null byte" in caplog.text and [s for s in siblings(target) if ".previous-" in s]
+    publish_new_run(target, b"third")  # the next run finishes the removal and publishes
+    assert (target / "models" / "model.safetensors").read_bytes() == b"third" and siblings(target) == []
+
+
+def test_a_restore_that_fails_is_one_line_saying_what_to_rename(tmp_path: Path, monkeypatch):
+    target = finish_run(tmp_path / "out")
+    previous = tmp_path / ".out.previous-123-abcdef01"
+    target.rename(previous)
+    real_rename = os.rename
+
+    def refuse_restore(src, dst) -> None:
+        if Path(src) == previous:
+            raise OSError(13, "Permission denied", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(staging.os, "rename", refuse_restore)
+    with pytest.raises(UserError) as info, staged(target, overwrite=False):
+        pass
+    assert str(info.value) == (
+        f"output.dir {target} is missing and {previous} holds the run an interrupted publish replaced, but "
+        f"renaming it back failed (Permission denied); rename it to {target} yourself"
+    )
+    assert previous.is_dir() and not target.exists()

@@ -57,7 +57,7 @@ def test_listed_removal_never_follows_links(tmp_path: Path):
 def test_a_manifest_cannot_name_files_outside_the_run(tmp_path: Path):
     target = finish_run(tmp_path / "out")
     record = json.loads((target / "run.json").read_text())
-    record["files"]["../victim.txt"] = 4
+    record["files"]["../victim.txt"] = {"size": 4, "mtime_ns": 0}
     (target / "run.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match=r"not a valid run record.*\$\.files\['\.\./victim\.txt'\]"):
         check_output_dir(target, True, "/nonexistent")
@@ -107,7 +107,7 @@ def test_names_the_staging_directory_cannot_follow(tmp_path: Path):
 def _with_manifest_entry(target: Path, name: str) -> dict[str, str]:
     """Add ``name`` to the finished run's manifest (a hand-edited run.json); return the tree's bytes."""
     record = json.loads((target / "run.json").read_text())
-    record["files"][name] = 1
+    record["files"][name] = {"size": 1, "mtime_ns": 0}
     (target / "run.json").write_text(json.dumps(record))
     return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
 
@@ -152,3 +152,51 @@ def test_a_file_a_hook_named_unlistably_fails_the_manifest(tmp_path: Path):
     (tmp_path / "bad\tname").write_text("{}")
     with pytest.raises(UserError, match="must not contain a control character"):
         build_manifest(tmp_path)
+
+
+def test_a_same_size_edit_in_place_is_refused(tmp_path: Path):
+    """Finding 2: a byte changed, the size kept; the manifest's mtime_ns shows it (a size alone did not)."""
+    target = finish_run(tmp_path / "out")
+    config = target / "models" / "config.json"
+    before = config.stat()
+    with open(config, "r+b") as f:  # in place: same inode, same size
+        f.write(b"[]")
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000))  # as a fast second write would
+    assert config.stat().st_size == before.st_size and config.stat().st_ino == before.st_ino
+    with pytest.raises(UserError, match=r"models/config\.json \(changed since the run wrote it\)"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_same_size_edit_by_write_and_rename_is_refused(tmp_path: Path):
+    """An editor writes a new file and renames it over the old one: same size, a new time."""
+    target = finish_run(tmp_path / "out")
+    config = target / "models" / "config.json"
+    before = config.stat()
+    replacement = target / "models" / ".config.json.swp"
+    replacement.write_bytes(b"[]")
+    replacement.rename(config)
+    assert config.stat().st_size == before.st_size and config.stat().st_mtime_ns != before.st_mtime_ns
+    with pytest.raises(UserError, match=r"models/config\.json \(changed since the run wrote it\)"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_run_copied_with_its_times_may_still_be_overwritten(tmp_path: Path):
+    """``cp -a`` or ``rsync -a`` keeps sizes and times but not inodes: the copy is still the run's."""
+    import shutil
+
+    copy = Path(shutil.copytree(finish_run(tmp_path / "out"), tmp_path / "copy"))
+    assert set(check_output_dir(copy, True, "/nonexistent")) == {
+        "models/model.safetensors",
+        "models/config.json",
+        "plan.json",
+    }
+
+
+def test_an_untouched_run_may_be_overwritten(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "config.json").read_bytes()  # reading changes no stamp
+    assert set(check_output_dir(target, True, "/nonexistent")) == {
+        "models/model.safetensors",
+        "models/config.json",
+        "plan.json",
+    }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pruning.errors import UserError
@@ -75,6 +77,72 @@ def test_lying_or_broken_headers_are_refused(tmp_path: Path, header: dict, data:
     with pytest.raises(UserError, match=needle) as info:
         read_header(file)
     assert str(file) in str(info.value)
+
+
+def _one(dtype: str, shape: list, size: int, **extra) -> tuple[dict, bytes]:
+    """A header of one tensor ``w`` whose byte range is ``size`` bytes, and those bytes."""
+    return {**extra, "w": {"dtype": dtype, "shape": shape, "data_offsets": [0, size]}}, b"\0" * size
+
+
+# Headers the safetensors library refuses (finding 9: a sub-byte tensor of 10^24 elements in 0 bytes
+# was counted by the analysis; finding 7: non-string metadata passed the dry run and failed the run).
+REFUSED = {
+    "sub-byte-in-no-bytes": (_one("F4", [10**6, 10**6], 0), "lies about 'w': shape [1000000, 1000000] of F4"),
+    "sub-byte-overflow": (_one("F4", [10**12, 10**12], 0), "overflows the format's 64-bit sizes"),
+    "half-a-byte": (_one("F4", [3], 2), "F4 is 12 bits, not a whole number of bytes"),
+    "six-bit-short": (_one("F6_E2M3", [4], 2), "needs 3 bytes, its byte range holds 2"),
+    "unknown-dtype": (_one("U4", [2], 1), "dtype 'U4', which the safetensors format does not define"),
+    "one-bit-int": (_one("I1", [8], 1), "dtype 'I1', which the safetensors format does not define"),
+    "float-dim": (_one("F32", [2.0], 8), "corrupt safetensors header (entry 'w')"),
+    "bool-dim": (_one("F32", [True], 4), "corrupt safetensors header (entry 'w')"),
+    "dim-past-64-bits": (_one("F32", [0, 2**64], 0), "overflows the format's 64-bit sizes"),
+    "product-past-64-bits": (_one("F32", [2**62, 8, 0], 0), "overflows the format's 64-bit sizes"),
+    "metadata-int": (_one("F32", [1], 4, __metadata__={"format": 5}), "__metadata__ 'format' is a int"),
+    "metadata-nested": (_one("F32", [1], 4, __metadata__={"a": {"b": "c"}}), "__metadata__ 'a' is a dict"),
+    "metadata-list": (_one("F32", [1], 4, __metadata__=["x"]), "__metadata__ is a list, not an object"),
+}
+ACCEPTED = {
+    "four-bit-pair": _one("F4", [1, 2], 1),
+    "six-bit": _one("F6_E3M2", [4], 3),
+    "e8m0": _one("F8_E8M0", [3], 3),
+    "complex": _one("C64", [1], 8),
+    "empty-of-a-huge-dim": _one("F32", [0, 2**63], 0),
+    "metadata-null": _one("F32", [1], 4, __metadata__=None),
+    "metadata-strings": _one("F32", [1], 4, __metadata__={"format": "pt"}),
+}
+
+
+@pytest.mark.parametrize(("case", "needle"), list(REFUSED.values()), ids=list(REFUSED))
+def test_headers_the_library_refuses_are_refused_in_one_line(tmp_path: Path, case: tuple, needle: str):
+    file = write_raw(tmp_path / "x.safetensors", *case)
+    with pytest.raises(UserError, match=re.escape(needle)) as info:
+        read_header(file)
+    assert str(info.value).startswith(f"{file}: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED.values()), ids=list(ACCEPTED))
+def test_every_dtype_and_metadata_the_library_reads_is_read(tmp_path: Path, case: tuple):
+    header, _ = case
+    info = read_header(write_raw(tmp_path / "x.safetensors", *case))["w"]
+    assert (info.dtype, list(info.shape)) == (header["w"]["dtype"], header["w"]["shape"])
+
+
+@pytest.mark.parametrize(
+    "case", [case for case, _ in REFUSED.values()] + list(ACCEPTED.values()), ids=[*REFUSED, *ACCEPTED]
+)
+def test_the_header_check_agrees_with_the_safetensors_library(tmp_path: Path, case: tuple):
+    """What ``read_header`` believes is what ``safe_open`` opens, so no reader meets the library's error."""
+    file = write_raw(tmp_path / "x.safetensors", *case)
+    try:
+        with safe_open(file, "pt"):
+            library = True
+    except SafetensorError:
+        library = False
+    try:
+        ours = bool(read_header(file))
+    except UserError:
+        ours = False
+    assert ours == library
 
 
 def test_header_length_past_the_end(tmp_path: Path):

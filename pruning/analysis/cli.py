@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from pruning import reports
 from pruning.analysis.analyzer import ModelAnalyzer
@@ -13,6 +14,7 @@ from pruning.analysis.comparator import ModelComparator
 from pruning.analysis.text_report import LABELS
 from pruning.cli_support import run_cli, setup_logging
 from pruning.errors import UserError
+from pruning.storage.fs import replace_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +81,9 @@ def _validate(path: str) -> int:
 
 
 def _analyse(args: argparse.Namespace) -> int:
+    problem = replace_problem(Path(args.save_json)) if args.save_json else None
+    if problem is not None:  # said before the analysis runs, not after
+        raise UserError(f"--save_json {args.save_json}: {problem}")
     original = ModelAnalyzer(args.model_path, args.model_name, trust_pickle=args.trust_pickle)
     if not args.compare_with:
         original.print_report(verbose=args.verbose, lang=args.lang)

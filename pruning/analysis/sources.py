@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from pruning.analysis.gguf_source import read_gguf_model
 from pruning.analysis.inventory import Inventory, arch_prefix_for, dtype_name, split_layer_name
 from pruning.errors import UserError
-from pruning.families import FAMILIES, GENERIC_FAMILY, FamilyAdapter, shape_rules
+from pruning.families import FAMILIES, GENERIC_FAMILY, FamilyAdapter, config_limits, shape_rules
 from pruning.families.layout import LAYOUT_KEY, Layout, stock_model_type
 from pruning.source.builtin import BUILTIN_MODELS, looks_like_hub_id, resolve
 from pruning.storage.json_files import read_json_object
@@ -55,6 +55,10 @@ def load_inventory(model_or_path: Any, trust_pickle: bool = False) -> Inventory:
         if (path / "config.json").is_file():
             return inventory_from_config(path)
         raise UserError(f"{path}: directory has neither config.json nor *.safetensors")
+    if path.suffix == ".gguf" and path.exists():  # not a regular file: the reader says what it is
+        return inventory_from_gguf(path)
+    if path.exists():  # a FIFO, device or socket: refused, never opened (a FIFO would block)
+        raise UserError(f"{path}: not a regular file or directory (a FIFO, device or socket)")
     if looks_like_hub_id(str(model_or_path)):
         return inventory_from_config(str(model_or_path))
     raise UserError(f"{path}: no such file or directory")
@@ -200,7 +204,7 @@ def _plain_config(directory: Path) -> SimpleNamespace:
 
 def _check_values(data: dict[str, Any], config_file: Path) -> None:
     try:
-        shape_rules.check_config_values(data)
+        config_limits.check_model_config(data)  # the limits load_pruned_model applies too
     except ValueError as e:
         raise UserError(f"{config_file}: {e}") from e
 
@@ -229,61 +233,10 @@ def _check_complete(config: SimpleNamespace, shapes: dict[str, tuple[int, ...]],
 # -- GGUF --------------------------------------------------------------------------------------------
 
 
-def gguf_name_to_hf(name: str, family: FamilyAdapter) -> str | None:
-    """A llama.cpp tensor name (``blk.3.<name>.weight``) -> the transformers name the family gives it;
-    None for non-parameters; a name the family does not know is kept as it is."""
-    stem, _, kind = name.rpartition(".")
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
-    if match and match.group(2) in family.gguf_names:
-        return f"model.layers.{match.group(1)}.{family.gguf_names[match.group(2)]}.{kind}"
-    if stem in family.gguf_top_names:
-        return f"{family.gguf_top_names[stem]}.{kind}"
-    if stem in family.gguf_buffers:  # computed buffers in transformers, not parameters
-        return None
-    return name
-
-
 def inventory_from_gguf(file: Path) -> Inventory:
-    """Shapes (GGUF stores them innermost-first, so reversed) and hyper-parameters from the metadata."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(file))
-    except (ValueError, OSError, IndexError) as e:
-        raise UserError(f"{file}: not a readable GGUF file ({_first_line(e)})") from e
-
-    def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else default
-
-    arch = field("general.architecture")
-    if arch is None:
-        raise UserError(f"{file}: GGUF metadata has no general.architecture")
-    family = FAMILIES.for_gguf_arch(arch)
-    reader_family = family or GENERIC_FAMILY
-    hidden = int(field(f"{arch}.embedding_length"))
-    heads = int(field(f"{arch}.attention.head_count"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    types: Counter[str] = Counter()
-    for tensor in reader.tensors:
-        hf_name = gguf_name_to_hf(tensor.name, reader_family)
-        if hf_name is None:
-            continue
-        shapes[hf_name] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if len(tensor.shape) > 1:
-            types[tensor.tensor_type.name] += 1
-    config = SimpleNamespace(
-        model_type=family.model_types[0] if family else arch,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_hidden_layers=int(field(f"{arch}.block_count")),
-        architectures=None,
-    )
-    key_length = field(f"{arch}.attention.key_length")
-    config.head_dim = int(key_length) if key_length else reader_family.head_dim(config)
-    tied = reader_family.lm_head not in shapes
-    dtype = f"gguf:{types.most_common(1)[0][0]}" if types else "gguf"
-    return _inventory(config, shapes, dtype, tied, "gguf", {}, family=family)
+    """Shapes and hyper-parameters from the header alone (``gguf_source``: every length bounded)."""
+    model = read_gguf_model(file)
+    return _inventory(model.config, model.shapes, model.dtype, model.tied, "gguf", {}, family=model.family)
 
 
 # -- pickles -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pruning.errors import UserError
+from pruning.storage.fs import MAX_TEXT_BYTES, read_text_file_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,8 @@ def looks_like_path(source: str) -> bool:
 
 
 def read_text_file(path: str | Path, what: str = "text file") -> str:
-    """Read a UTF-8 text file whole; a missing or unreadable file is the user's error, named."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} {path}: {exc}") from exc
+    """A UTF-8 text file, whole; missing, unreadable, not a regular file or not UTF-8: the user's error."""
+    return read_text_file_bounded(Path(path).expanduser(), what=what, limit=MAX_TEXT_BYTES)
 
 
 def _load_dataset_text(name: str, what: str = "calibration") -> str:
@@ -70,17 +65,32 @@ def _load_dataset_text(name: str, what: str = "calibration") -> str:
 
 def source_text(source: str, what: str = "calibration") -> str:
     """The text of a source: ``builtin:NAME`` (``pruning.calibration.texts``), an existing file, else a
-    ``datasets``
-    name (``path[:config[:split]]``)."""
+    ``datasets`` name (``path[:config[:split]]``)."""
     from pruning.calibration.texts import builtin_text, is_builtin
 
     if is_builtin(source):
         return builtin_text(source)
-    if Path(source).expanduser().is_file():
+    if Path(source).expanduser().exists():  # a FIFO or device too, so that it is refused by name
         return read_text_file(source, f"{what} file")
     if looks_like_path(source):
         raise UserError(f"{what} file not found: {source}")
     return _load_dataset_text(source, what)
+
+
+def text_problem(text: str, tokens_needed: int) -> str | None:
+    """Why ``text`` cannot give a window of ``tokens_needed`` tokens, judged without a tokenizer (so
+    before any weight is read): empty, binary, or fewer bytes than tokens needed (every token of a
+    byte-level or byte-fallback vocabulary covers at least one byte). None if it may."""
+    if not text.strip():
+        return "is empty"
+    sample = text[: 1 << 16]
+    controls = sum(1 for c in sample if ord(c) < 32 and c not in "\t\n\r\f\v")
+    if "\0" in sample or controls * 100 > len(sample):
+        return "is binary, not text (it holds control characters)"
+    if len(text) < tokens_needed and len(text.encode("utf-8")) < tokens_needed:
+        size = len(text.encode("utf-8"))
+        return f"has {size} bytes, fewer than the {tokens_needed} tokens it must give (a token is 1+ bytes)"
+    return None
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.LongTensor:
@@ -113,9 +123,14 @@ def calibration_windows(
 
 
 def window_counts(weights: Sequence[float], num_samples: int) -> list[int]:
-    """``num_samples`` split in proportion to ``weights`` (largest remainder, ties to the earlier source)."""
-    total = sum(weights)
-    exact = [num_samples * w / total for w in weights]
+    """``num_samples`` split in proportion to ``weights`` (largest remainder, ties to the earlier source).
+
+    The weights are scaled by the largest first, so two weights of 1e308 split evenly instead of
+    overflowing their sum to infinity."""
+    largest = max(weights)
+    scaled = [w / largest for w in weights]
+    total = sum(scaled)
+    exact = [num_samples * w / total for w in scaled]
     counts = [math.floor(x) for x in exact]
     by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in by_remainder[: num_samples - sum(counts)]:

@@ -1,8 +1,10 @@
 """Load a pruned checkpoint (or any stock safetensors one): build the stock architecture on the
 ``meta`` device, shrink it to the checkpoint's ``pruning_layout`` with the same slicing surgery uses,
 and assign the stored tensors, so the dense size is never allocated. Every tensor is checked against
-the skeleton from the files' headers before any data is read. Pickles are never loaded unless the
-caller says it trusts the file.
+the files' headers before anything is built: ``config.json`` first meets the limits the analysis
+applies (``families.config_limits``), then every parameter it implies must be stored with the shape it
+implies, so the model built is exactly as large as the files and a forged config cannot make the
+loader allocate what no file holds. Pickles are never loaded unless the caller says it trusts the file.
 """
 
 from __future__ import annotations
@@ -18,23 +20,26 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from pruning.checkpoint.config_json import loader_config
+from pruning.checkpoint.load_checks import check_against_headers, check_config
 from pruning.errors import UserError
 from pruning.families import adapter_for
 from pruning.families.layout import LAYOUT_KEY, Layout, stock_model_type
 from pruning.storage.json_files import read_json_object
 from pruning.storage.shards import SAFETENSORS_DTYPES
-from pruning.storage.weight_files import PICKLE_SUFFIXES, WeightFiles, find_weight_files, stored_tensors
+from pruning.storage.weight_files import PICKLE_SUFFIXES, TensorInfo, WeightFiles, find_weight_files
 from pruning.surgery import resize_to_layout
 
 logger = logging.getLogger(__name__)
 
 
-def _as_config(config: Mapping[str, Any] | PretrainedConfig) -> PretrainedConfig:
+def _as_config(config: Mapping[str, Any] | PretrainedConfig, where: str = "config.json") -> PretrainedConfig:
     """The family's stock config class: a pruned checkpoint's ``pruned_<type>`` (or the shipped code's
-    config object) is read as ``<type>`` with its layout, which this package's surgery builds."""
+    config object) is read as ``<type>`` with its layout, which this package's surgery builds. A value
+    transformers' config class refuses is one line naming ``where``."""
     if isinstance(config, PretrainedConfig):
         if stock_model_type(config.model_type) == config.model_type:
             return config
@@ -42,8 +47,27 @@ def _as_config(config: Mapping[str, Any] | PretrainedConfig) -> PretrainedConfig
     data = loader_config(config)
     model_type = data.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise UserError(f"config has unknown model_type {config.get('model_type')!r}")
-    return CONFIG_MAPPING[model_type].from_dict(data)
+        raise UserError(f"{where} has unknown model_type {config.get('model_type')!r}")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except Exception as e:  # transformers validates with several exception types; all mean a bad value
+        words = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise UserError(f"{where} is not a valid {model_type} config: {words[:300]}") from e
+
+
+class _WeightsBornOnMeta(TorchFunctionMode):
+    """``torch.empty`` without a device makes a meta tensor. ``nn.Linear`` and ``nn.Embedding`` create
+    their weights with it, and ``init_empty_weights`` moves a weight to meta only once it exists, so each
+    dense weight was allocated for a moment: a size no file vouches for (the dense model a layout was
+    cut from) could ask for terabytes. Buffers are computed with other functions and stay real."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def _materialize(model: nn.Module, device: str | torch.device) -> None:
@@ -71,7 +95,7 @@ def build_pruned_skeleton(
     config = _as_config(config)
     adapter_for(config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), _WeightsBornOnMeta():
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     data = getattr(config, LAYOUT_KEY, None)
     if data:
@@ -101,24 +125,13 @@ def _load_pickle(path: Path, dtype: torch.dtype | None, device: str | torch.devi
     return model.eval()
 
 
-def _check_shapes(path: Path, model: nn.Module, files: WeightFiles) -> None:
-    """Every stored tensor the skeleton expects has the skeleton's shape (read from headers, no data)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    for name, info in stored_tensors(files).items():
-        if name in expected and expected[name] != info.shape:
-            raise UserError(
-                f"{path}: {name} is stored as {list(info.shape)} but config.json (and its {LAYOUT_KEY}) "
-                f"needs {list(expected[name])}; the layout disagrees with the weights"
-            )
-
-
-def _check_names(path: Path, model: nn.Module, files: WeightFiles) -> None:
+def _check_names(path: Path, model: nn.Module, stored_names: set[str]) -> None:
     """The files hold every parameter of the skeleton and nothing else; a tied weight may be stored or
     not (transformers stores it once; older checkpoints store both names), as in a plain load."""
     tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
     expected = set(model.state_dict(keep_vars=True)) - tied
-    stored = set(stored_tensors(files))
-    missing, unexpected = sorted(expected - stored), sorted(stored - expected - tied)
+    missing = sorted(expected - stored_names)
+    unexpected = sorted(stored_names - expected - tied)
     if missing or unexpected:
         raise UserError(
             f"{path}: weights do not match the config's architecture; missing {missing[:5]}, "
@@ -130,6 +143,7 @@ def _load_dispatched(
     path: Path,
     model: nn.Module,
     files: WeightFiles,
+    stored: dict[str, TensorInfo],
     dtype: torch.dtype | None,
     device_map: str | dict[str, Any],
     max_memory: dict[Any, Any] | None,
@@ -140,12 +154,12 @@ def _load_dispatched(
 
     if files.pickles:
         raise UserError(f"{path}: device_map needs safetensors weights; this checkpoint has pickled shards")
-    _check_names(path, model, files)
+    _check_names(path, model, set(stored))
     layer_classes = sorted(
         {type(layer).__name__ for layer in adapter_for(model.config).decoder_layers(model)}
     )
     if dtype is None:  # keep the stored dtype, as a plain load does (accelerate would use the config's)
-        dtype = _stored_dtype(files)
+        dtype = _stored_dtype(stored)
     if device_map == "cpu":
         device_map = {"": "cpu"}
     elif isinstance(device_map, str):
@@ -178,10 +192,10 @@ def _read_generation_config(model: nn.Module, path: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(path)
 
 
-def _stored_dtype(files: WeightFiles) -> torch.dtype | None:
+def _stored_dtype(stored: dict[str, TensorInfo]) -> torch.dtype | None:
     """The floating dtype most stored tensors have (None when there is none)."""
     by_name = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
-    counts = Counter(info.dtype for info in stored_tensors(files).values() if info.dtype in by_name)
+    counts = Counter(info.dtype for info in stored.values() if info.dtype in by_name)
     return by_name[counts.most_common(1)[0][0]] if counts else None
 
 
@@ -243,6 +257,8 @@ def load_pruned_model(
 
     Strict: every parameter must come from the files (tied ones excepted), with the shape the layout
     gives it, and no stored tensor may go unused; every shard the index names must be there and whole.
+    ``config.json`` meets the analysis's limits and its shapes are compared with the headers before
+    anything is built, so a bad value is a ``UserError`` naming the file and key, never an allocation.
     ``dtype`` None keeps the stored dtype. Pickles (a whole-model file, ``.bin`` shards, an index that
     points at them) are refused unless ``trust_pickle=True``.
 
@@ -262,13 +278,15 @@ def load_pruned_model(
     if not config_path.is_file():
         raise UserError(f"{path} has no config.json")
     config = read_json_object(config_path)
+    check_config(config_path, config)  # the analysis's limits, and what the skeleton costs to build
+    stock = _as_config(config, str(config_path))
     files = find_weight_files(path, trust_pickle=trust_pickle)
     if not files.safetensors and not files.pickles:
         raise UserError(f"{path} holds no weights (no model.safetensors, index or shards)")
-    model = build_pruned_skeleton(config, attn_implementation=attn_implementation)
-    _check_shapes(path, model, files)
+    stored = check_against_headers(path, config, files)  # what the config implies is what is stored
+    model = build_pruned_skeleton(stock, attn_implementation=attn_implementation)
     if device_map is not None:
-        return _load_dispatched(path, model, files, dtype, device_map, max_memory, offload_folder)
+        return _load_dispatched(path, model, files, stored, dtype, device_map, max_memory, offload_folder)
     state = _read_state(files, dtype, device)
 
     tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))

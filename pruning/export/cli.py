@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a checkpoint directory (pruned by this package, or stock) as one GGUF file.",
     )
     parser.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, tokenizer)")
-    parser.add_argument("out", help="the .gguf file to write (never replaced if it exists)")
+    parser.add_argument(
+        "out", help="the .gguf file to write: a new name (nothing there, not even a link, is replaced)"
+    )
     parser.add_argument("--dtype", choices=sorted(QTYPES), default="f16", help="2-D weights (default f16)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser

@@ -39,7 +39,9 @@ import numpy as np
 import torch
 
 from pruning.errors import UserError
-from pruning.export.gguf_vocab import write_vocab
+from pruning.export.gguf_vocab import read_vocab
+from pruning.export.output_path import check_output_path
+from pruning.export.tokenizer_json import check_tokenizer_json
 from pruning.families import adapter_for
 from pruning.families.layout import LayerSizes
 from pruning.storage.fs import os_error_reason
@@ -161,8 +163,7 @@ def export_gguf(
     checkpoint, out = Path(checkpoint), Path(out_path)
     if dtype not in QTYPES:
         raise UserError(f"gguf dtype {dtype!r}: expected one of {', '.join(QTYPES)}")
-    if out.exists():
-        raise UserError(f"{out} exists; the export never replaces a file (choose another name or remove it)")
+    check_output_path(out)
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} has no config.json")
     config = read_json_object(checkpoint / "config.json")
@@ -176,6 +177,7 @@ def export_gguf(
     arch = "llama" if uniform and adapter.name != "qwen2" else "deci"
     reader = ShardReader(find_weight_files(checkpoint))
     plan = _tensor_plan(reader, config, adapter, layers, head_dim, QTYPES[dtype])
+    vocab = read_vocab(checkpoint, config, int(adapter.value(config, "vocab_size")))  # all checked now
 
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -186,7 +188,7 @@ def export_gguf(
     try:
         writer = gguf.GGUFWriter(partial, arch)
         _write_metadata(writer, config, adapter, layers, head_dim, arch, dtype, checkpoint)
-        write_vocab(writer, checkpoint, int(adapter.value(config, "vocab_size")))
+        vocab.write(writer)
         for entry in plan.entries:
             nbytes = _nbytes(entry.shape, entry.qtype)
             writer.add_tensor_info(
@@ -230,6 +232,12 @@ def check_exportable(config: Mapping[str, Any], source: str = "the model") -> No
             f"{source}: rotary scaling {rope['rope_type']!r} is not written by the GGUF export "
             f"({', '.join(ROPE_TYPES)} are)"
         )
+
+
+def check_tokenizer(config: Mapping[str, Any], tokenizer_json: Mapping[str, Any], source: str) -> None:
+    """Refuse, before any work, a tokenizer the export cannot write for this model: not BPE, ids past
+    its vocabulary, any part of the wrong shape (``pruning.export.tokenizer_json``)."""
+    check_tokenizer_json(tokenizer_json, int(adapter_for(config).value(config, "vocab_size")), source)
 
 
 def _tensor_plan(

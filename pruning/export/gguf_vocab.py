@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 
 from pruning.errors import UserError
+from pruning.export.tokenizer_files import check_tokenizer_side_files
+from pruning.export.tokenizer_json import BYTE_LEVEL, check_tokenizer_json, parse_tokenizer
 from pruning.storage.json_files import read_json_object
 
 logger = logging.getLogger(__name__)
@@ -42,9 +46,10 @@ KNOWN_PRE_TOKENIZERS = {
 }
 
 
-def pre_tokenizer(tokenizer: Any) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer, found as its converter finds it."""
-    digest = hashlib.sha256(str(tokenizer.encode(PROBE_TEXT)).encode()).hexdigest()
+def pre_tokenizer(probe_ids: list[int]) -> str:
+    """llama.cpp's name for the pre-tokenizer that splits ``PROBE_TEXT`` into ``probe_ids``, found as
+    its converter finds it (by a hash of the ids)."""
+    digest = hashlib.sha256(str(probe_ids).encode()).hexdigest()
     name = KNOWN_PRE_TOKENIZERS.get(digest)
     if name is None:
         logger.warning(
@@ -56,60 +61,81 @@ def pre_tokenizer(tokenizer: Any) -> str:
     return name
 
 
-def write_vocab(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> None:
-    """Tokens, their types, merges or scores, special ids and the chat template."""
-    from transformers import PreTrainedTokenizerFast
+@dataclass(frozen=True)
+class Vocab:
+    """The tokenizer as the GGUF will hold it, read and checked in full before anything is written."""
 
-    if not (checkpoint / "tokenizer.json").is_file():
+    model: str  # tokenizer.ggml.model: gpt2 or llama
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None  # llama only
+    add_space_prefix: bool | None  # llama only
+    merges: list[str]  # gpt2 only
+    special: gguf.SpecialVocab  # special ids, whether BOS/EOS are added, the chat template
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        """Tokens, their types, merges or scores, special ids and the chat template."""
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        self.special.add_to_gguf(writer, quiet=True)
+
+
+def read_vocab(checkpoint: Path, config: Mapping[str, Any], vocab_size: int) -> Vocab:
+    """The checkpoint's tokenizer for a GGUF of ``vocab_size`` tokens, or a UserError naming the file
+    and what is wrong (``tokenizer_json``, ``tokenizer_files``); nothing is written here.
+
+    tokenizer.json is read once, checked, and built by the tokenizers library as written: not through
+    transformers, which would also apply tokenizer_config.json, special_tokens_map.json and
+    added_tokens.json (a family's class, or a special token named there and missing here, adds tokens;
+    their shapes are transformers' to check, version by version). ``config`` is config.json as read.
+    """
+    path = checkpoint / "tokenizer.json"
+    if not os.path.lexists(path):
         raise UserError(
             f"{checkpoint}: no tokenizer.json; the GGUF needs the tokenizer (save it with the model)"
         )
-    # tokenizer.json as written, without the model config: a pruned checkpoint's config names modeling
-    # code (which must not be run or prompted for), and a family's tokenizer class may add tokens.
-    data = read_json_object(checkpoint / "tokenizer.json")  # once, and a broken file is one line
-    model = tokenizer_model_of(data, f"{checkpoint}/tokenizer.json")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
-    if model == "gpt2":
-        tokens, types = _byte_level_tokens(tokenizer, vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-    else:
-        tokens, scores, types = _byte_fallback_tokens(tokenizer, vocab_size)
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_add_space_prefix(_adds_space_prefix(data))
-    gguf.SpecialVocab(checkpoint, load_merges=model == "gpt2").add_to_gguf(writer, quiet=True)
+    data = read_json_object(path)  # a FIFO, a directory, bad bytes or bad syntax is one line
+    model = check_tokenizer_json(data, vocab_size, str(path))
+    tokenizer = parse_tokenizer(data, str(path))
+    check_tokenizer_side_files(checkpoint, config, vocab_size)
+    tokens, types = _byte_level_tokens(tokenizer, vocab_size)
+    # SpecialVocab re-reads the files just checked; merges come from the checked data, never merges.txt
+    special = gguf.SpecialVocab(checkpoint, load_merges=False)
+    if model == BYTE_LEVEL:
+        pre = pre_tokenizer(tokenizer.encode(PROBE_TEXT).ids)
+        return Vocab(model, pre, tokens, types, None, None, _merges(data["model"]["merges"]), special)
+    scores, types = _byte_fallback_scores(tokens, types)
+    return Vocab(model, "default", tokens, types, scores, _adds_space_prefix(data), [], special)
 
 
-def tokenizer_model_of(tokenizer_json: Mapping[str, Any], source: str) -> str:
-    """``gpt2`` (byte-level BPE) or ``llama`` (BPE with byte fallback) for a tokenizer.json's content;
-    anything else is refused, naming ``source``."""
-    model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE":
-        raise UserError(
-            f"{source}: a {model.get('type')} tokenizer; the GGUF export writes BPE tokenizers (byte-level "
-            "or with byte fallback)"
-        )
-    return "llama" if model.get("byte_fallback") else "gpt2"
+def _merges(merges: list[Any]) -> list[str]:
+    """Merges as llama.cpp reads them, "left right", from either form tokenizer.json uses (a space
+    inside a piece of the pair form is written as U+0120+256, as gguf's SpecialVocab does)."""
+    if not merges or isinstance(merges[0], str):
+        return list(merges)
+    return [" ".join(part.replace(" ", chr(ord(" ") + 256)) for part in pair) for pair in merges]
 
 
-def _byte_fallback_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+def _byte_fallback_scores(tokens: list[str], types: list[int]) -> tuple[list[float], list[int]]:
     """SentencePiece-style BPE (Llama 2, Mistral) for llama.cpp's ``llama`` tokenizer, which merges the
     pair whose result scores highest. tokenizer.json keeps no scores, but its ids follow the merge
     order (SentencePiece numbers pieces by score), so a piece's score is minus its id."""
-    tokens, types = _byte_level_tokens(tokenizer, vocab_size)
     scores = [-float(i) if kind == gguf.TokenType.NORMAL else 0.0 for i, kind in enumerate(types)]
     # a byte piece is BYTE however the tokenizer lists it (in the vocabulary, or as an added token)
     types = [
         gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else kind
         for text, kind in zip(tokens, types, strict=True)
     ]
-    return tokens, scores, types
+    return scores, types
 
 
 def _adds_space_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
@@ -134,13 +160,10 @@ def _adds_space_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
 
 def _byte_level_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     """Every id's token text and type: special added tokens are CONTROL, other added ones USER_DEFINED,
-    ids the tokenizer does not use are padded as UNUSED (as llama.cpp's converter does)."""
-    by_id = {i: text for text, i in tokenizer.get_vocab().items()}
-    if by_id and max(by_id) >= vocab_size:
-        raise UserError(
-            f"the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}"
-        )
-    added = tokenizer.added_tokens_decoder
+    ids the tokenizer does not use are padded as UNUSED (as llama.cpp's converter does). The ids were
+    checked against ``vocab_size`` (``check_tokenizer_json``)."""
+    by_id = {i: text for text, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = tokenizer.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:

@@ -68,6 +68,26 @@ class Layout:
                 raise ValueError(f"{LAYOUT_KEY}: layer {i} has {heads} query heads for {kv} KV heads")
         return layout
 
+    def check_within(self, dense: LayerSizes) -> None:
+        """Every layer can be cut from a dense layer of ``dense`` sizes: no more KV heads or channels, and
+        whole KV groups (heads = KV heads x the dense group size), as surgery removes them. Bounded by
+        the dense sizes, no layer asks for more than the config's own limits allow.
+
+        Raises ValueError naming the layer.
+        """
+        group = dense.num_heads // dense.num_kv_heads
+        for i, sizes in enumerate(self):
+            if (
+                sizes.num_kv_heads > dense.num_kv_heads
+                or sizes.intermediate_size > dense.intermediate_size
+                or sizes.num_heads != sizes.num_kv_heads * group
+            ):
+                raise ValueError(
+                    f"{LAYOUT_KEY}: layer {i}: {sizes.num_heads} heads, {sizes.num_kv_heads} KV heads and "
+                    f"{sizes.intermediate_size} channels cannot come from a layer of {dense.num_heads}, "
+                    f"{dense.num_kv_heads} and {dense.intermediate_size}"
+                )
+
     @classmethod
     def of(cls, layers: Iterable[LayerSizes]) -> Layout:
         sizes = list(layers)

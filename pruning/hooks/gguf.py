@@ -36,14 +36,15 @@ class GgufHook(Hook):
 
     def before_prune(self, context: PipelineContext, **kwargs: Any) -> None:
         """Refuse a model the export cannot write now, not after hours of scoring."""
-        from pruning.export.gguf import check_exportable
-        from pruning.export.gguf_vocab import tokenizer_model_of
+        from pruning.export.gguf import check_exportable, check_tokenizer
 
-        check_exportable(context.model.config.to_dict(), context.model_path or "the model")
+        config = context.model.config.to_dict()
+        check_exportable(config, context.model_path or "the model")
         backend = getattr(context.tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise UserError("hooks: gguf needs a fast tokenizer (tokenizer.json) to write into the GGUF")
-        tokenizer_model_of(json.loads(backend.to_str()), "the model's tokenizer")
+        # the checks the export makes on the saved tokenizer.json, now rather than after the pruning
+        check_tokenizer(config, json.loads(backend.to_str()), "the model's tokenizer")
 
     def after_save(self, context: PipelineContext, **kwargs: Any) -> None:
         """Export the checkpoint just saved."""

@@ -54,7 +54,7 @@ class PerplexityHook(Hook):
     ) -> None:
         from pruning.calibration.data import looks_like_path
 
-        if looks_like_path(text) and not Path(text).expanduser().is_file():
+        if looks_like_path(text) and not Path(text).expanduser().exists():
             raise ValueError(f"text file not found: {text}")  # said before any weight is read
         if protocol is not None and protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or null, got {protocol!r}")
@@ -67,6 +67,7 @@ class PerplexityHook(Hook):
             raise ValueError(f"max_tokens must be an integer >= seq_len ({window}) or null, got {limit!r}")
         if not _integer_at_least(batch_size, 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _check_text(text, window)
         chosen = {"seq_len": window, "max_tokens": limit}
         self.text, self.protocol, self.batch_size = text, protocol, batch_size
         self.seq_len, self.max_tokens = chosen["seq_len"], chosen["max_tokens"]
@@ -77,6 +78,14 @@ class PerplexityHook(Hook):
         """Tokenise the text once and measure the dense model."""
         from pruning.calibration.perplexity import evaluation_windows
 
+        positions = getattr(context.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and self.seq_len > positions:
+            logger.warning(
+                "perplexity: windows of %d tokens are longer than the %d positions the model has "
+                "(max_position_embeddings); its figures measure positions it was never trained on",
+                self.seq_len,
+                positions,
+            )
         self.windows = evaluation_windows(self.text, context.tokenizer, self.seq_len, self.max_tokens)
         self.dense = self._measure(context)
 
@@ -139,6 +148,23 @@ class PerplexityHook(Hook):
             "pruned": pruned,
             "ratio": _ratio(pruned["perplexity"], dense.get("perplexity")),
         }
+
+
+def _check_text(text: str, seq_len: int) -> None:
+    """A local or built-in text that cannot give one window fails now, before any weight is read; the
+    exact token count needs the tokenizer, and is checked when the text is tokenised."""
+    from pruning.calibration.data import source_text, text_problem
+    from pruning.calibration.texts import is_builtin
+    from pruning.errors import UserError
+
+    if not (is_builtin(text) or Path(text).expanduser().exists()):
+        return  # a datasets name
+    try:
+        problem = text_problem(source_text(text, "evaluation"), seq_len)
+    except UserError as e:
+        raise ValueError(str(e)) from e
+    if problem is not None:
+        raise ValueError(f"text {text} {problem}")
 
 
 def _ratio(pruned: float | None, dense: float | None) -> float | None:

@@ -23,7 +23,8 @@ def _describe(error: BaseException) -> str:
 
 
 class HookError(UserError):
-    """A hook failed; the message names the hook and the event. The run exits with code 1."""
+    """A hook failed; the message names the hook and the event. The run exits with code 1, or 2 when
+    the hook refused the user's input (it raised a UserError)."""
 
     exit_code = 1
 
@@ -72,4 +73,7 @@ class HookRunner:
                 if hook.on_error == "warn":
                     logger.warning("%s (on_error: warn, the run goes on)", message)
                     continue
-                raise HookError(message) from e
+                failure = HookError(message)
+                if isinstance(e, UserError) and not isinstance(e, HookError):
+                    failure.exit_code = UserError.exit_code  # bad input (a text too short), not a bug
+                raise failure from e

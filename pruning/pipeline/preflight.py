@@ -10,6 +10,7 @@ it stream) are answered here once, from the criterion's declared facts.
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 from dataclasses import dataclass
@@ -22,12 +23,15 @@ from pruning.errors import UserError
 from pruning.families import adapter_for
 from pruning.families.layout import LAYOUT_KEY
 from pruning.families.shape_rules import check_config_values, compare_to_config, first_of
+from pruning.rundir.lock import check_lock_path
 from pruning.rundir.target import check_output_dir, check_writable, resolve_target
 from pruning.source.builtin import looks_like_hub_id
 from pruning.source.loading import hub_snapshot, resolve_model_path
 from pruning.source.placement import check_devices
 from pruning.storage.json_files import read_json_object
 from pruning.storage.weight_files import PICKLE_SUFFIXES, find_weight_files, stored_tensors
+
+logger = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_CALIBRATION_TOKENS = 100_000_000  # 0.8 GB of token ids; far beyond any published calibration set
@@ -153,6 +157,21 @@ def check_run(config: PipelineConfig, facts: ModelFacts) -> None:
             f"calibration.seq_len: {cal.seq_len} is longer than the model's max_position_embeddings "
             f"({facts.max_position_embeddings})"
         )
+    if prn.multiple_of > facts.intermediate_size:
+        logger.warning(
+            "pruning.multiple_of: %d is more than the %d MLP channels each layer has, so a layer can keep "
+            "none or all of them: every pruned MLP is removed whole, and the run may remove far more than "
+            "its target",
+            prn.multiple_of,
+            facts.intermediate_size,
+        )
+    if prn.heads_multiple_of > facts.num_heads:
+        logger.warning(
+            "pruning.heads_multiple_of: %d is more than the %d query heads each layer has, so every pruned "
+            "attention block is removed whole",
+            prn.heads_multiple_of,
+            facts.num_heads,
+        )
     base = facts.total_params if prn.ratio_of == "total" else facts.layer_params
     unprotected = facts.num_layers - len(set(prn.protected_layers))
     reachable = unprotected * (
@@ -209,6 +228,7 @@ def check_before_loading(config: PipelineConfig, *, dry_run: bool = False) -> tu
     check_calibration_source(config)
     check_devices(config.model)  # a missing GPU fails now, not after the weights are read
     target = resolve_target(config.output.dir)
+    check_lock_path(target)
     check_output_dir(target, config.output.overwrite, model_path)
     needed, largest_file = estimate_output_bytes(config, facts, model_path)
     check_writable(target, needed)
@@ -234,21 +254,38 @@ def why_not_streamed(config: PipelineConfig) -> str | None:
 
 
 def check_calibration_source(config: PipelineConfig) -> None:
-    """A calibration file that does not exist fails before any weights load."""
-    from pruning.calibration.data import looks_like_path
+    """Calibration text that cannot give its windows fails before any weights load: a missing, empty,
+    binary or too short file, or a source whose weight rounds to no window."""
+    from pruning.calibration.data import looks_like_path, source_text, text_problem, window_counts
     from pruning.calibration.texts import NAMES, PREFIX, is_builtin
 
     if not needs_calibration_text(config):
         return
     cal = config.calibration
     key = "calibration.sources" if cal.sources else "calibration.source"
-    for item in cal.mix():
+    mix = cal.mix()
+    counts = window_counts([item.weight for item in mix], cal.num_samples)
+    for item, count in zip(mix, counts, strict=True):
         source = item.source
         if is_builtin(source) and source.removeprefix(PREFIX) not in NAMES:
             known = ", ".join(PREFIX + name for name in NAMES)
             raise UserError(f"{key}: unknown built-in text {source!r}: known are {known}")
-        if not is_builtin(source) and looks_like_path(source) and not Path(source).is_file():
+        local = is_builtin(source) or Path(source).expanduser().exists()
+        if not local and looks_like_path(source):
             raise UserError(f"{key}: file not found: {source}")
+        if count == 0:
+            raise UserError(
+                f"{key}: {source} (weight {item.weight:g}) gets no window of the {cal.num_samples} "
+                "(raise num_samples or its weight)"
+            )
+        if not local:
+            continue  # a datasets name: read when the run reaches calibration
+        try:
+            problem = text_problem(source_text(source), cal.seq_len + 1)
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from e
+        if problem is not None:
+            raise UserError(f"{key}: {source} {problem}")
 
 
 def check_source_weights(

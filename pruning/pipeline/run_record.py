@@ -1,7 +1,8 @@
 """``run.json``: what a run did, enough to reproduce it and to check it, and the manifest of its files.
 
-The manifest (``files``: every file the run wrote, relative path -> size) is what lets a later run with
-``overwrite: true`` remove exactly this run's files and nothing else (``pruning.rundir.target``).
+The manifest (``files``: every file the run wrote, relative path -> size and mtime_ns) is what
+lets a later run with ``overwrite: true`` remove exactly this run's files and nothing else
+(``pruning.rundir.target``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pruning.rundir.target import ANALYSIS_SUBDIR, CHECKPOINT_SUBDIR, MANIFEST_K
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: files hold a stamp (size, mtime_ns), not a size
 
 
 def peak_rss_mb() -> float:
@@ -71,7 +72,7 @@ def _ratio(removed: int, before: int) -> float | None:
 
 
 def build_run_record(
-    context: PipelineContext, started: datetime, target: Path, files: dict[str, int]
+    context: PipelineContext, started: datetime, target: Path, files: dict[str, dict[str, int]]
 ) -> dict[str, Any]:
     """The record of a finished run; paths name where the outputs are published (``target``)."""
     import torch

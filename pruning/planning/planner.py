@@ -82,7 +82,11 @@ def normalized_candidates(scores: StructureScores, costs: Sequence[LayerCosts]) 
             continue
         everything = torch.cat([v for _, v, _ in entries])
         if not torch.isfinite(everything).all():
-            raise ValueError(f"{kind} scores contain NaN or infinity (numerics of a low-precision dtype?)")
+            raise UserError(
+                f"pruning: {kind} scores contain NaN or infinity; the source weights are finite (checked "
+                "as they are read), so the calibration passes overflowed: in float16 any activation "
+                "beyond 65504 does; use model.dtype bfloat16 or float32"
+            )
         scale = 1.0 if scores.common_scale else _type_scale(everything)
         for idx, values, cost in entries:
             out.extend(Candidate(v / scale, idx, kind, j, cost) for j, v in enumerate(values.tolist()))
@@ -275,6 +279,15 @@ def _build_plan(
         extra["attention_blocks_removed"],
         extra["mlp_blocks_removed"],
     )
+    overshoot = removed_params - target
+    if overshoot > 0.5 * target and overshoot > 0.01 * params_before:  # rounding, not a structure or two
+        logger.warning(
+            "plan: removes %s parameters, %.0f%% more than the target %s: the kept shapes the config asks "
+            "for (multiple_of, heads_multiple_of, uniform) round each pruned layer down that far",
+            f"{removed_params:,}",
+            100 * overshoot / max(target, 1),
+            f"{target:,}",
+        )
     return PruningPlan(
         layers=layer_plans,
         criterion=criterion,

@@ -18,6 +18,7 @@ import jsonschema
 
 from pruning.errors import UserError
 from pruning.reports.checks import first_failure
+from pruning.storage.fs import MAX_JSON_BYTES, read_regular_file
 from pruning.storage.json_files import write_json_atomic
 
 SCHEMA_FILES: dict[str, str] = {
@@ -70,23 +71,18 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     parser should follow) is a UserError; JSON that is not a valid report is a ReportValidationError.
     """
     path = Path(path)
+    data = read_regular_file(path, what="JSON report", limit=MAX_JSON_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: file not found") from e
-    except IsADirectoryError as e:
-        raise UserError(f"{path}: is a directory, not a JSON report") from e
+        report = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ReportValidationError("$", f"not valid JSON ({e})", str(path)) from e
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror})") from e
-    try:
-        report = json.loads(text)
-        validate(report, source=str(path))
+    except RecursionError as e:  # a limit of the parser, like the next one: exit 2, not "invalid"
+        raise UserError(f"{path}: JSON nested too deeply to be a report") from e
     except json.JSONDecodeError as e:
         raise ReportValidationError("$", f"not valid JSON ({e})", str(path)) from e
-    except RecursionError as e:
-        raise UserError(f"{path}: JSON nested too deeply to be a report") from e
+    except ValueError as e:  # int() refuses a number of more than 4300 digits
+        raise UserError(f"{path}: holds a number too long to be read ({str(e)[:80]}...)") from e
+    validate(report, source=str(path))
     return report
 
 

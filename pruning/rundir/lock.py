@@ -22,12 +22,31 @@ from types import TracebackType
 from typing import Any
 
 from pruning.errors import UserError
+from pruning.storage.fs import os_error_reason
 
 logger = logging.getLogger(__name__)
 
 
 def lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
+
+
+def check_lock_path(target: Path) -> None:
+    """What is at the lock path can be a lock file: nothing yet, or a regular file (a dead run's). The
+    run's ``acquire`` refuses the rest; this says so before loading, and in ``--dry-run``."""
+    path = lock_path(target)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserError(f"output.dir {target}: the lock file {path} {_open_problem(e)}") from e
+    if stat.S_ISLNK(mode):
+        raise UserError(f"output.dir {target}: the lock file {path} is a symlink; remove it")
+    if stat.S_ISDIR(mode):
+        raise UserError(f"output.dir {target}: the lock file {path} is a directory; remove it")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"output.dir {target}: the lock file {path} is not a regular file; remove it")
 
 
 class OutputLock:
@@ -52,14 +71,14 @@ class OutputLock:
             try:  # never through a symlink: the file is truncated and rewritten below
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
             except OSError as e:
-                if e.errno != errno.ELOOP:
-                    raise
                 raise UserError(
-                    f"output.dir {self.target}: the lock file {self.path} is a symlink; remove it"
+                    f"output.dir {self.target}: the lock file {self.path} {_open_problem(e)}"
                 ) from e
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
-                raise UserError(f"output.dir {self.target}: the lock file {self.path} is not a regular file")
+                raise UserError(
+                    f"output.dir {self.target}: the lock file {self.path} is not a regular file; remove it"
+                )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -95,6 +114,15 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+def _open_problem(error: OSError) -> str:
+    """What stops the lock file from being opened, and how to fix it, in the user's words."""
+    if error.errno == errno.ELOOP:
+        return "is a symlink; remove it"
+    if error.errno == errno.EISDIR:
+        return "is a directory; remove it"
+    return f"cannot be opened ({os_error_reason(error)})"
 
 
 def _same_file(fd: int, path: Path) -> bool:

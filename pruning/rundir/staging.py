@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import signal
 import threading
 import uuid
@@ -148,7 +149,14 @@ class StagedRun:
         previous_runs = _siblings(self.target, _PREVIOUS)
         restorable = [p for p in previous_runs if _holds_run(p)]
         if not self.target.exists() and len(restorable) == 1:  # killed between the fallback's renames
-            os.rename(restorable[0], self.target)
+            try:
+                os.rename(restorable[0], self.target)
+            except OSError as e:
+                raise UserError(
+                    f"output.dir {self.target} is missing and {restorable[0]} holds the run an interrupted "
+                    f"publish replaced, but renaming it back failed ({e.strerror}); rename it to "
+                    f"{self.target} yourself"
+                ) from e
             logger.warning("restored %s from an interrupted publish (%s)", self.target, restorable[0].name)
             previous_runs.remove(restorable[0])
         for previous in previous_runs:
@@ -157,14 +165,14 @@ class StagedRun:
             else:
                 logger.warning("left %s alone: %s does not hold a published run", previous, self.target)
         for staging in _siblings(self.target, _STAGING):
-            _discard(staging, staged=True)
-            logger.warning("removed %s, the staging directory of a run that did not finish", staging.name)
+            if _clean_up(staging, None, staged=True):
+                logger.warning("removed %s, the staging directory of a run that did not finish", staging.name)
 
     def _close(self) -> None:
         try:
             staging = getattr(self, "staging", None)
             if not self.published and staging is not None and staging.exists():
-                _discard(staging, staged=True)
+                _clean_up(staging, None, staged=True)
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -227,18 +235,30 @@ def _holds_run(directory: Path) -> bool:
         return False
 
 
-def _clean_up(old: Path, manifest: dict[str, int] | None) -> None:
-    """Remove a replaced run after publishing; a failure is a warning (the new run is already in place)."""
+def _clean_up(old: Path, manifest: dict[str, dict[str, int]] | None, staged: bool = False) -> bool:
+    """Remove a replaced run after publishing, or a leftover before a run; True if it went.
+
+    A failure is a warning naming the directory and the command that removes it, never an error: the
+    new run is already in place, or does not need the leftover (its own names are new), so whatever a
+    leftover holds, no later run is stopped by it.
+    """
     try:
         if manifest is None:
-            _discard(old, staged=False)
+            _discard(old, staged=staged)
         else:
             _remove_previous(old, manifest)
-    except OSError as e:
-        logger.warning("could not finish removing the replaced run in %s (%s); remove it yourself", old, e)
+    except (OSError, ValueError) as e:  # ValueError: a name the OS cannot take (a NUL in an old manifest)
+        logger.warning(
+            "could not finish removing %s (%s); no run needs it: remove it yourself (rm -r -- %s)",
+            old,
+            e.strerror if isinstance(e, OSError) and e.strerror else e,
+            shlex.quote(str(old)),
+        )
+        return False
+    return True
 
 
-def _remove_previous(old: Path, manifest: dict[str, int]) -> None:
+def _remove_previous(old: Path, manifest: dict[str, dict[str, int]]) -> None:
     """Delete the files a previous run listed (and its run.json); anything else stays, and is named."""
     left = remove_listed(old, [*manifest, RUN_RECORD])
     if left:

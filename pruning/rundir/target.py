@@ -1,8 +1,8 @@
 """Where a run writes, and the checks that keep it from writing over anything it should not.
 
 A run publishes into ``output.dir`` only when complete (``pruning.rundir.staging``). What a previous run may
-be
-replaced is decided by its manifest: ``run.json`` lists every file the run wrote with its size.
+be replaced is decided by its manifest: ``run.json`` lists every file the run wrote with its size,
+and modification time (ns), so any edit, even one that keeps the size, shows (docs/reliability.md).
 ``overwrite: true`` may replace exactly those files, and is refused if anything else is there, a listed
 file changed, or something is a symlink. These checks read only; they run before any weights load,
 again under the lock, and once more just before publishing. See docs/reliability.md.
@@ -50,8 +50,16 @@ def resolve_target(output_dir: str) -> Path:
     return target
 
 
-def read_manifest(target: Path) -> dict[str, int] | None:
-    """The files (relative path -> size) that the run in ``target`` wrote, from its run.json; None if
+def stamp(info: os.stat_result) -> dict[str, int]:
+    """What proves a file unchanged since the run wrote it, from one ``lstat`` and no read: its size and
+    its modification time in ns. Any write moves the time, an editor's write-and-rename included; a copy
+    that keeps times (``cp -a``, ``rsync -a``) keeps both, so a copied run can still be overwritten (an
+    inode would not survive the copy). Hashing would read 140 GB on every save and overwrite of a 70B run."""
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def read_manifest(target: Path) -> dict[str, dict[str, int]] | None:
+    """The files (relative path -> stamp) that the run in ``target`` wrote, from its run.json; None if
     there is no run.json. A run.json that is not a valid run record (hand-edited, an older version, not
     this tool) cannot vouch for anything: it is refused, and the user clears the directory."""
     from pruning import reports
@@ -71,7 +79,7 @@ def read_manifest(target: Path) -> dict[str, int] | None:
     return record[MANIFEST_KEY]
 
 
-def _strangers(target: Path, manifest: dict[str, int]) -> list[str]:
+def _strangers(target: Path, manifest: dict[str, dict[str, int]]) -> list[str]:
     """Everything in ``target`` a manifest does not vouch for: unlisted, changed, a symlink, an odd dir."""
     listed_dirs = {str(Path(rel).parent) for rel in manifest} | {"."}
     for rel in list(listed_dirs):
@@ -92,12 +100,12 @@ def _strangers(target: Path, manifest: dict[str, int]) -> list[str]:
                 continue
             elif rel not in manifest:
                 found.append(f"{rel} (not written by a pruning run)")
-            elif not stat.S_ISREG(info.st_mode) or info.st_size != manifest[rel]:
+            elif not stat.S_ISREG(info.st_mode) or stamp(info) != manifest[rel]:
                 found.append(f"{rel} (changed since the run wrote it)")
     return found
 
 
-def check_output_dir(target: Path, overwrite: bool, model_path: str) -> dict[str, int] | None:
+def check_output_dir(target: Path, overwrite: bool, model_path: str) -> dict[str, dict[str, int]] | None:
     """Refuse what a run must not write over; return the previous run's manifest (None if empty or new).
 
     Reads only. Refused: an output that overlaps the source model; a non-empty directory without
@@ -167,9 +175,9 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def build_manifest(directory: Path) -> dict[str, int]:
-    """Every regular file under ``directory`` (relative path -> size), except the run record itself."""
-    files: dict[str, int] = {}
+def build_manifest(directory: Path) -> dict[str, dict[str, int]]:
+    """Every regular file under ``directory`` (relative path -> ``stamp``), except the run record."""
+    files: dict[str, dict[str, int]] = {}
     for dirpath, _dirnames, filenames in os.walk(directory, followlinks=False):
         for name in filenames:
             path = Path(dirpath) / name
@@ -179,5 +187,5 @@ def build_manifest(directory: Path) -> dict[str, int]:
                 problem = relative_path_problem(rel)
                 if problem is not None:  # a hook wrote it; a manifest could not list it safely
                     raise UserError(f"output.dir: the run wrote a file whose name {problem}: {rel!r:.80}")
-                files[rel] = info.st_size
+                files[rel] = stamp(info)
     return dict(sorted(files.items()))

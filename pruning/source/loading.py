@@ -65,8 +65,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str, refuse_streaming: str 
     """The model in the local directory ``path``, in the configured dtype, placed as ``model.device_map``
     says (``pruning.source.placement``), in eval mode; its tokenizer; and the engine's ``LayerStore``.
 
-    A model on one device is loaded by ``from_pretrained``; any other placement is read part by part
-    from the safetensors onto a meta skeleton, parts on ``disk`` left for the passes to stream.
+    Safetensors are read part by part onto a meta skeleton (``pruning.storage.shards.ShardReader``),
+    parts on ``disk`` left for the passes to stream: read, not memory-mapped as ``from_pretrained`` would,
+    so the model holds no page of a file that can change (a source truncated mid-run would kill a
+    mapped run with SIGBUS, no message; read, it is one line). Only trusted pickles take
+    ``from_pretrained``.
     ``refuse_streaming`` (why this run cannot stream) turns a streamed placement into a UserError
     before any weight is read.
     """
@@ -100,10 +103,10 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str, refuse_streaming: str 
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from e
-    if placement.streamed or len(placement.devices) > 1:
+    if find_weight_files(Path(path), trust_pickle=cfg.trust_pickle).safetensors:
         model, store = _load_placed(path, skeleton, placement, dtype, cfg.trust_pickle)
         return LoadedModel(model, tokenizer, store, placement)
-    del skeleton
+    del skeleton  # trusted pickles: transformers' loader reads them
     try:
         # safetensors only, unless the user trusts pickles: never unpickle a .bin without consent
         model = AutoModelForCausalLM.from_pretrained(

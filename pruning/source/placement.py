@@ -152,8 +152,13 @@ def check_devices(cfg: ModelConfig) -> None:
     """The devices ``model.device_map`` names exist (checked before any weight is read)."""
     device_map = cfg.device_map
     if isinstance(device_map, dict):
-        for value in device_map.values():
-            _device_name(value)
+        for key, value in device_map.items():
+            if _device_name(value) == DISK and cfg.streaming == "never":
+                what = repr(key) if key else "the model"
+                raise UserError(
+                    f"model.streaming is never, but model.device_map puts {what} on disk; place it on a "
+                    "device or let it stream (streaming: auto)"
+                )
     elif device_map != "auto":
         pick_device(device_map)
 

@@ -140,14 +140,34 @@ def os_error_reason(error: OSError) -> str:
     return DISK_ERRNOS[code] if code is not None else (error.strerror or str(error)).lower()
 
 
+def replace_problem(path: Path) -> str | None:
+    """Why a file may not be written at ``path`` by rename, or None: the rename would replace whatever
+    is there, so only a regular file or a new name may be (a symlink, a FIFO or ``/dev/stdout`` would be
+    replaced by a regular file, and a directory cannot be)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None  # nothing there (or no way there): the write itself says what is wrong
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory; give a file name"
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file (a FIFO, device or socket)"
+    return f"is {kind}; the tool writes only a regular file or a new name, and would replace it"
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write a temporary file beside ``path``, then rename: readers see the old file or the whole new one.
 
     The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600. A
-    path that cannot be written (read-only, a file on the way, a name too long) is the user's error.
+    path that cannot be written (read-only, a file on the way, a name too long) or that holds anything
+    but a regular file (``replace_problem``) is the user's error.
     """
     from pruning.errors import UserError
 
+    problem = replace_problem(path)
+    if problem is not None:
+        raise UserError(f"{path}: {problem}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -191,3 +211,72 @@ def relative_path_problem(name: object) -> str | None:
     if any(len(os.fsencode(part)) > NAME_MAX for part in parts):
         return f"has a component longer than {NAME_MAX} bytes"
     return None
+
+
+MiB = 1 << 20
+# The most bytes each kind of file the tool reads whole may hold: far above any real one (Gemma's
+# tokenizer.json is 33 MB), far below what would exhaust memory, so /dev/zero is refused, not read.
+MAX_CONFIG_BYTES = 16 * MiB
+MAX_JSON_BYTES = 512 * MiB
+MAX_TEXT_BYTES = 1024 * MiB
+
+
+def open_regular_file(path: str | os.PathLike[str], *, what: str) -> tuple[int, os.stat_result]:
+    """A blocking read-only descriptor of a regular file, and its ``fstat``; anything else (a FIFO, which
+    would block, a device, a directory) is the user's error, named before a byte is read. Opened
+    without blocking and checked on the open descriptor, so a rename in between cannot fool the check."""
+    from pruning.errors import UserError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: {what} not found") from e
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({os_error_reason(e)})") from e
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UserError(f"{path}: is a directory, not a {what}")
+        raise UserError(f"{path}: not a regular file (a FIFO, device or socket); give a {what} file")
+    os.set_blocking(fd, True)
+    return fd, info
+
+
+def read_regular_file(path: str | os.PathLike[str], *, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; anything else is the user's error, named.
+
+    Every file the tool reads whole comes through here, so a FIFO (which would block), a device
+    (``/dev/zero`` never ends) or a directory is refused in one line before a byte is read: the file is
+    opened without blocking, checked with ``fstat`` on the open descriptor (no race with a rename), and
+    read to at most ``limit`` bytes even if it grows meanwhile.
+    """
+    from pruning.errors import UserError
+
+    fd, info = open_regular_file(path, what=what)
+    try:
+        if info.st_size > limit:
+            raise UserError(f"{path}: {info.st_size} bytes, more than a {what} may hold ({limit} bytes)")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(limit + 1 - total, 16 * MiB)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise UserError(f"{path}: grew past {limit} bytes while read; a {what} may not")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({os_error_reason(e)})") from e
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def read_text_file_bounded(path: str | os.PathLike[str], *, what: str, limit: int) -> str:
+    """``read_regular_file`` decoded as UTF-8; bytes that are not UTF-8 are the user's error, named."""
+    from pruning.errors import UserError
+
+    data = read_regular_file(path, what=what, limit=limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (byte {e.start})") from e

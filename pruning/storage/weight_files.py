@@ -5,8 +5,12 @@ module first, so one set of rules holds everywhere:
 
 - A ``model.safetensors.index.json`` is authoritative: every shard it names must exist and hold the
   tensors it maps there. A shard that is missing is an error, never "fewer layers".
-- A header is believed only when it is consistent with the file: tensors tile the data buffer exactly
-  (no holes, no overlaps, nothing past the end), and each byte range is ``numel x dtype size`` long.
+- A header is believed only when the safetensors library would read it, and it is consistent with the
+  file: a known dtype, each byte range exactly ``numel x dtype bits / 8`` bytes (whole bytes, sub-byte
+  dtypes included), tensors tiling the data buffer exactly (no holes, no overlaps, nothing past the
+  end), and ``__metadata__`` an object of strings. Whatever checks a header here first (the dry run,
+  the run's preflight, ``load_pruned_model``, the analysis) then refuses a file the way the real read
+  would, in one line, instead of a ``SafetensorError`` traceback later.
 - A pickle (``.bin``, ``.pt``, ...) is a weight file only with ``trust_pickle``; an index that points at
   one is refused without it, because transformers would ``torch.load`` it.
 
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,21 +31,29 @@ from pathlib import Path
 from typing import Any
 
 from pruning.errors import UserError
+from pruning.storage.fs import os_error_reason
 from pruning.storage.json_files import read_json_object
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 # Suffixes of files that torch.load would unpickle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE)
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.safetensors$")
+# The library reads sizes as 64-bit unsigned integers and refuses a shape whose product overflows.
+_USIZE_LIMIT = 2**64
 
-# Bytes per element of each safetensors dtype (sub-byte float formats are not checked by size).
-DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8,
-    "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
+# Bits per element of every dtype the safetensors format defines (its ``Dtype::bitsize``, safetensors
+# 0.8). A name not listed here is refused: the library would refuse it too ("unknown variant"), and a
+# size this module cannot check is a size nobody should count.
+DTYPE_BITS = {
+    "F64": 64, "I64": 64, "U64": 64, "C64": 64,
+    "F32": 32, "I32": 32, "U32": 32,
+    "F16": 16, "BF16": 16, "I16": 16, "U16": 16,
+    "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I8": 8, "U8": 8, "BOOL": 8,
+    "F6_E2M3": 6, "F6_E3M2": 6,
+    "F4": 4,
 }  # fmt: skip
 
 
@@ -92,10 +106,29 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return _check_entries(file, header, size - 8 - header_len, 8 + header_len)
 
 
+def _check_metadata(file: Path, metadata: Any) -> None:
+    """``__metadata__`` is absent, null or an object whose values are strings: the library reads it as a
+    map of string to string and refuses anything else when it loads, so it is refused here first."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise UserError(
+            f"{file}: corrupt safetensors header (__metadata__ is a {type(metadata).__name__}, not an "
+            "object of strings)"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise UserError(
+                f"{file}: corrupt safetensors header (__metadata__ {key[:60]!r} is a {type(value).__name__}, "
+                "not a string)"
+            )
+
+
 def _check_entries(
     file: Path, header: dict[str, Any], data_len: int, data_start: int
 ) -> dict[str, TensorInfo]:
     """The header's promises, checked: every byte range fits its shape and the ranges tile the data."""
+    _check_metadata(file, header.get("__metadata__"))
     tensors: dict[str, TensorInfo] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, info in header.items():
@@ -116,11 +149,11 @@ def _check_entries(
             raise UserError(f"{file}: corrupt safetensors header (entry {name!r})")
         if end > data_len:
             raise UserError(f"{file}: truncated safetensors file (tensor {name!r} ends past the file)")
-        width = DTYPE_BYTES.get(dtype)
-        if width is not None and end - begin != numel(shape) * width:
+        needed = _byte_size(file, name, dtype, shape)
+        if end - begin != needed:
             raise UserError(
-                f"{file}: safetensors header lies about {name!r}: shape {list(shape)} of {dtype} needs "
-                f"{numel(shape) * width} bytes, its byte range holds {end - begin}"
+                f"{file}: safetensors header lies about {name!r}: shape {_shape_text(shape)} of {dtype} "
+                f"needs {needed} bytes, its byte range holds {end - begin}"
             )
         tensors[name] = TensorInfo(dtype, shape, (data_start + begin, data_start + end))
         ranges.append((begin, end, name))
@@ -137,6 +170,42 @@ def _check_entries(
     return tensors
 
 
+def _byte_size(file: Path, name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes the tensor occupies as the safetensors library computes them: ``numel x bits / 8``, in
+    whole bytes, with every factor and partial product a 64-bit size. Without this a sub-byte or
+    unknown dtype let a header declare 10^24 elements in 0 bytes, and the analysis counted them."""
+    bits = DTYPE_BITS.get(dtype)
+    if bits is None:
+        raise UserError(
+            f"{file}: tensor {name!r} has dtype {dtype[:40]!r}, which the safetensors format does not "
+            f"define (known: {', '.join(DTYPE_BITS)})"
+        )
+    count = 1
+    for dim in shape:
+        count *= dim
+        if dim >= _USIZE_LIMIT or count >= _USIZE_LIMIT:
+            count = _USIZE_LIMIT  # the library stops here too (checked_mul)
+            break
+    if count * bits >= _USIZE_LIMIT:
+        raise UserError(
+            f"{file}: corrupt safetensors header (tensor {name!r}: shape {_shape_text(shape)} of "
+            f"{dtype} overflows the format's 64-bit sizes)"
+        )
+    if count * bits % 8:
+        raise UserError(
+            f"{file}: corrupt safetensors header (tensor {name!r}: shape {_shape_text(shape)} of {dtype} is "
+            f"{count * bits} bits, not a whole number of bytes)"
+        )
+    return count * bits // 8
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A shape for a one-line message (a forged header may give thousands of dimensions)."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ... ({len(shape)} dimensions)]"
+
+
 def find_weight_files(directory: Path, *, trust_pickle: bool = False) -> WeightFiles:
     """The checkpoint's weight files; an error names whatever is missing, truncated or untrusted.
 
@@ -148,12 +217,12 @@ def find_weight_files(directory: Path, *, trust_pickle: bool = False) -> WeightF
     explicit = _explicit_weights(directory)
     if explicit is not None:
         return _explicit_files(directory, explicit, trust_pickle)
-    if (directory / SAFE_WEIGHTS).is_file():
+    if _is_weight_file(directory / SAFE_WEIGHTS):
         return WeightFiles(directory, safetensors=(directory / SAFE_WEIGHTS,))
     index = directory / SAFE_INDEX
-    if index.is_file():
+    if _is_weight_file(index):
         return _files_from_index(index, trust_pickle)
-    found = tuple(sorted(p for p in directory.glob("*.safetensors") if p.is_file()))
+    found = tuple(sorted(p for p in directory.glob("*.safetensors") if _is_weight_file(p)))
     if found:
         _check_numbered_shards(directory, found)
         return WeightFiles(directory, safetensors=found)
@@ -167,6 +236,24 @@ def find_weight_files(directory: Path, *, trust_pickle: bool = False) -> WeightF
             "so it is refused. Convert them to safetensors, or opt in with trust_pickle if you trust them"
         )
     return WeightFiles(directory)
+
+
+def _is_weight_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (through links); absent is False. Anything else at a weight
+    file's name (a FIFO, a directory, a device such as a link to /dev/zero, a dangling link) is refused
+    by name: skipped, the run would find "no weights" after the dry run had said OK, or read forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not os.path.islink(path):
+            return False
+        raise UserError(f"{path}: is a symbolic link to {os.readlink(path)}, which does not exist") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({os_error_reason(e)})") from e
+    if stat.S_ISREG(mode):
+        return True
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+    raise UserError(f"{path}: is {kind}, not a weights file")
 
 
 def _explicit_weights(directory: Path) -> str | None:
@@ -184,7 +271,7 @@ def _explicit_weights(directory: Path) -> str | None:
 
 def _explicit_files(directory: Path, name: str, trust_pickle: bool) -> WeightFiles:
     path = directory / name
-    if not path.is_file():
+    if not _is_weight_file(path):
         raise UserError(f"{directory}: config.json names transformers_weights {name}, which is missing")
     if name.endswith(".safetensors.index.json"):
         return _files_from_index(path, trust_pickle)
@@ -217,7 +304,7 @@ def _files_from_index(index: Path, trust_pickle: bool) -> WeightFiles:
             f"{index}: points at pickled weights ({', '.join(pickles[:3])}); unpickling runs code stored in "
             "the file, so it is refused. Convert them to safetensors, or opt in with trust_pickle"
         )
-    missing = [n for n in names if not (directory / n).is_file()]
+    missing = [n for n in names if not _is_weight_file(directory / n)]
     if missing:
         raise UserError(
             f"{index}: shard {missing[0]} is missing"
