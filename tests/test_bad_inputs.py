@@ -456,3 +456,39 @@ def test_weights_that_are_not_a_file(tmp_path: Path, tiny_dir: Path, capsys, kin
     config = write_config(tmp_path / "c.yaml", model, out)
     argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
     fails(capsys, argv, f"model.path: {weights}", WEIGHTS_NOT_A_FILE[kind], out=out)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_fifo_among_the_model_files(tmp_path: Path, tiny_dir: Path, capsys, dry_run: bool):
+    """transformers opens tokenizer.json itself: a FIFO there blocked the run for ever."""
+    import os
+
+    model = model_copy(tiny_dir, tmp_path)
+    (model / "tokenizer.json").unlink()
+    os.mkfifo(model / "tokenizer.json")
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", model, out)
+    argv = ["--config", str(config), *(["--dry-run"] if dry_run else [])]
+    fails(capsys, argv, f"model.path: {model / 'tokenizer.json'} is a FIFO, device or socket", out=out)
+
+
+def test_a_number_too_long_in_a_safetensors_header(tmp_path: Path, tiny_dir: Path, capsys):
+    model = model_copy(tiny_dir, tmp_path)
+    header = b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + b"4" * 5000 + b"]}}"
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    run_fails(capsys, tmp_path, model, "model.safetensors: corrupt safetensors header (ValueError)")
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_source_in_a_dtype_torch_has_not(tmp_path: Path, tiny_dir: Path, capsys, dry_run: bool):
+    """F4 passes the header check (a real safetensors dtype), but torch cannot hold it: say so first."""
+    model = model_copy(tiny_dir, tmp_path)
+    header = b'{"model.norm.weight": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}'
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    out = tmp_path / "out"
+    argv = [
+        "--config",
+        str(write_config(tmp_path / "c.yaml", model, out)),
+        *(["--dry-run"] if dry_run else []),
+    ]
+    fails(capsys, argv, "model.norm.weight is stored as F4, which torch cannot hold", out=out)

@@ -163,3 +163,30 @@ def test_a_value_beyond_the_run_dtype_is_named_with_the_fix(tmp_path: Path) -> N
     ):
         reader.read("a.weight", torch.float16)
     assert torch.isfinite(reader.read("a.weight", torch.bfloat16)).all()  # within bfloat16 range: no error
+
+
+def test_float8_and_unsigned_sources_are_read_as_from_pretrained_reads_them(tmp_path: Path) -> None:
+    """The header check accepts them, so the reader must too (it refused them as "cannot be streamed")."""
+    tensors = {
+        "f8.weight": torch.tensor([[0.5, -1.0], [2.0, 0.25]]).to(torch.float8_e4m3fn),
+        "u16.ids": torch.tensor([1, 65535], dtype=torch.uint16),
+    }
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    reader = ShardReader(find_weight_files(tmp_path))
+    assert torch.equal(reader.read("f8.weight", torch.bfloat16), tensors["f8.weight"].to(torch.bfloat16))
+    assert torch.equal(reader.read("u16.ids", torch.bfloat16), tensors["u16.ids"])  # integers keep theirs
+    broken = tensors["f8.weight"].clone()
+    broken[0, 0] = float("nan")
+    save_file({"f8.weight": broken}, tmp_path / SINGLE_FILE)
+    with pytest.raises(UserError, match="holds NaN or infinite values"):
+        ShardReader(find_weight_files(tmp_path)).read("f8.weight", torch.bfloat16)
+
+
+def test_every_safetensors_dtype_is_either_read_or_refused_before_loading() -> None:
+    from pruning.storage.shards import TORCH_DTYPES
+    from pruning.storage.weight_files import DTYPE_BITS, NO_TORCH_DTYPE
+
+    readable = set(TORCH_DTYPES) | {"F8_E8M0"}  # F8_E8M0: in torch builds that have float8_e8m0fnu
+    assert set(DTYPE_BITS) == readable | set(NO_TORCH_DTYPE) and not readable & set(NO_TORCH_DTYPE)
+    for name, dtype in TORCH_DTYPES.items():  # the widths agree, so a byte-range check is a shape check
+        assert DTYPE_BITS[name] == dtype.itemsize * 8

@@ -200,3 +200,26 @@ def test_an_untouched_run_may_be_overwritten(tmp_path: Path):
         "models/config.json",
         "plan.json",
     }
+
+
+def test_a_copy_that_kept_whole_seconds_only_may_still_be_overwritten(tmp_path: Path):
+    """``scp -p``, tar, exFAT or SMB keep the second, not the nanoseconds: still the run's files."""
+    target = finish_run(tmp_path / "out")
+    for path in target.rglob("*"):
+        if path.is_file():
+            mtime = path.stat().st_mtime_ns
+            os.utime(path, ns=(mtime, mtime // 10**9 * 10**9))
+    assert "plan.json" in check_output_dir(target, True, "/nonexistent")
+    plan = target / "plan.json"
+    os.utime(plan, ns=(0, plan.stat().st_mtime_ns + 10**9))  # a whole second later: a write
+    with pytest.raises(UserError, match=r"plan\.json \(changed since the run wrote it\)"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_a_file_name_that_is_not_utf8_cannot_enter_a_manifest(tmp_path: Path):
+    """A hook wrote ``\\xff.txt``: its name could not be written into run.json (UnicodeEncodeError)."""
+    (tmp_path / "models").mkdir()
+    with open(os.path.join(os.fsencode(tmp_path / "models"), b"\xff.txt"), "wb") as f:
+        f.write(b"x")
+    with pytest.raises(UserError, match=r"the run wrote a file whose name must be a UTF-8 file name"):
+        build_manifest(tmp_path)

@@ -33,6 +33,13 @@ def looks_like_path(source: str) -> bool:
     )
 
 
+def is_text_file_path(source: str) -> bool:
+    """Whether ``source`` names a file to read: anything there but a directory (a local ``datasets``
+    folder), so that a FIFO or a device is refused by name rather than taken for a dataset name."""
+    path = Path(source).expanduser()
+    return path.exists() and not path.is_dir()
+
+
 def read_text_file(path: str | Path, what: str = "text file") -> str:
     """A UTF-8 text file, whole; missing, unreadable, not a regular file or not UTF-8: the user's error."""
     return read_text_file_bounded(Path(path).expanduser(), what=what, limit=MAX_TEXT_BYTES)
@@ -70,7 +77,7 @@ def source_text(source: str, what: str = "calibration") -> str:
 
     if is_builtin(source):
         return builtin_text(source)
-    if Path(source).expanduser().exists():  # a FIFO or device too, so that it is refused by name
+    if is_text_file_path(source):
         return read_text_file(source, f"{what} file")
     if looks_like_path(source):
         raise UserError(f"{what} file not found: {source}")

@@ -54,7 +54,7 @@ class PerplexityHook(Hook):
     ) -> None:
         from pruning.calibration.data import looks_like_path
 
-        if looks_like_path(text) and not Path(text).expanduser().exists():
+        if looks_like_path(text) and not Path(text).expanduser().exists():  # a folder: a datasets name
             raise ValueError(f"text file not found: {text}")  # said before any weight is read
         if protocol is not None and protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or null, got {protocol!r}")
@@ -153,11 +153,11 @@ class PerplexityHook(Hook):
 def _check_text(text: str, seq_len: int) -> None:
     """A local or built-in text that cannot give one window fails now, before any weight is read; the
     exact token count needs the tokenizer, and is checked when the text is tokenised."""
-    from pruning.calibration.data import source_text, text_problem
+    from pruning.calibration.data import is_text_file_path, source_text, text_problem
     from pruning.calibration.texts import is_builtin
     from pruning.errors import UserError
 
-    if not (is_builtin(text) or Path(text).expanduser().exists()):
+    if not (is_builtin(text) or is_text_file_path(text)):
         return  # a datasets name
     try:
         problem = text_problem(source_text(text, "evaluation"), seq_len)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from pruning.source.builtin import looks_like_hub_id
 from pruning.source.loading import hub_snapshot, resolve_model_path
 from pruning.source.placement import check_devices
 from pruning.storage.json_files import read_json_object
-from pruning.storage.weight_files import PICKLE_SUFFIXES, find_weight_files, stored_tensors
+from pruning.storage.weight_files import NO_TORCH_DTYPE, PICKLE_SUFFIXES, find_weight_files, stored_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,13 @@ def why_not_streamed(config: PipelineConfig) -> str | None:
 def check_calibration_source(config: PipelineConfig) -> None:
     """Calibration text that cannot give its windows fails before any weights load: a missing, empty,
     binary or too short file, or a source whose weight rounds to no window."""
-    from pruning.calibration.data import looks_like_path, source_text, text_problem, window_counts
+    from pruning.calibration.data import (
+        is_text_file_path,
+        looks_like_path,
+        source_text,
+        text_problem,
+        window_counts,
+    )
     from pruning.calibration.texts import NAMES, PREFIX, is_builtin
 
     if not needs_calibration_text(config):
@@ -270,7 +277,7 @@ def check_calibration_source(config: PipelineConfig) -> None:
         if is_builtin(source) and source.removeprefix(PREFIX) not in NAMES:
             known = ", ".join(PREFIX + name for name in NAMES)
             raise UserError(f"{key}: unknown built-in text {source!r}: known are {known}")
-        local = is_builtin(source) or Path(source).expanduser().exists()
+        local = is_builtin(source) or is_text_file_path(source)
         if not local and looks_like_path(source):
             raise UserError(f"{key}: file not found: {source}")
         if count == 0:
@@ -304,6 +311,7 @@ def check_source_weights(
         files = find_weight_files(directory, trust_pickle=trust_pickle)
     except UserError as e:
         raise UserError(f"model.path: {e}") from e
+    _check_no_special_files(directory)  # after: a weight file's own name gets the more precise word
     if not files.safetensors and not files.pickles:
         if not require:
             return
@@ -314,6 +322,12 @@ def check_source_weights(
         stored = stored_tensors(files)
     except UserError as e:
         raise UserError(f"model.path: {e}") from e
+    unreadable = next((name for name, info in stored.items() if info.dtype in NO_TORCH_DTYPE), None)
+    if unreadable is not None:
+        raise UserError(
+            f"model.path: {directory}: {unreadable} is stored as {stored[unreadable].dtype}, which torch "
+            "cannot hold; convert the weights to a wider dtype"
+        )
     diff = compare_to_config(config, {name: info.shape for name, info in stored.items()})
     if diff.missing:
         raise UserError(
@@ -328,6 +342,21 @@ def check_source_weights(
         raise UserError(
             f"model.path: {directory}: the weights hold {first_of(diff.unexpected)}, which config.json lacks"
         )
+
+
+def _check_no_special_files(directory: Path) -> None:
+    """transformers opens the tokenizer's and the generation config's files itself, by name: a FIFO
+    there would block it for ever and a device would never end, so none may be in the model directory."""
+    for entry in sorted(directory.iterdir()):
+        try:
+            mode = entry.stat().st_mode  # through links, as transformers opens them
+        except OSError:
+            continue  # a dangling link: whoever opens it says so in one line
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UserError(
+                f"model.path: {entry} is a FIFO, device or socket; a model directory holds files, and "
+                "transformers would block or never finish reading it"
+            )
 
 
 def local_source(model: ModelConfig, model_path: str) -> str:

@@ -83,9 +83,9 @@ def normalized_candidates(scores: StructureScores, costs: Sequence[LayerCosts]) 
         everything = torch.cat([v for _, v, _ in entries])
         if not torch.isfinite(everything).all():
             raise UserError(
-                f"pruning: {kind} scores contain NaN or infinity; the source weights are finite (checked "
-                "as they are read), so the calibration passes overflowed: in float16 any activation "
-                "beyond 65504 does; use model.dtype bfloat16 or float32"
+                f"pruning: {kind} scores contain NaN or infinity; safetensors source weights are checked "
+                "finite as they are read, so the calibration passes overflowed (in float16 any activation "
+                "beyond 65504 does: use model.dtype bfloat16 or float32)"
             )
         scale = 1.0 if scores.common_scale else _type_scale(everything)
         for idx, values, cost in entries:

@@ -207,7 +207,7 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(held[0])
 
 
-def _discard(directory: Path, staged: bool) -> None:
+def _discard(directory: Path, staged: bool) -> bool:
     """Remove a directory this tool made beside the target, and nothing in it that is not its own.
 
     With a valid run.json it holds a whole run (staged, or a previous one swapped out): only the files
@@ -219,13 +219,14 @@ def _discard(directory: Path, staged: bool) -> None:
         manifest = read_manifest(directory)
     except UserError:
         logger.warning("left %s alone: its %s is not a valid run record", directory, RUN_RECORD)
-        return
+        return False
     if manifest is not None:
         _remove_previous(directory, manifest)
     elif staged:
         remove_tree(directory)
     else:
         _remove_previous(directory, {})
+    return True
 
 
 def _holds_run(directory: Path) -> bool:
@@ -244,14 +245,13 @@ def _clean_up(old: Path, manifest: dict[str, dict[str, int]] | None, staged: boo
     """
     try:
         if manifest is None:
-            _discard(old, staged=staged)
-        else:
-            _remove_previous(old, manifest)
-    except (OSError, ValueError) as e:  # ValueError: a name the OS cannot take (a NUL in an old manifest)
+            return _discard(old, staged=staged)
+        _remove_previous(old, manifest)
+    except (OSError, ValueError, RecursionError) as e:  # a name the OS cannot take; a tree 1,000 deep
         logger.warning(
             "could not finish removing %s (%s); no run needs it: remove it yourself (rm -r -- %s)",
             old,
-            e.strerror if isinstance(e, OSError) and e.strerror else e,
+            e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__),
             shlex.quote(str(old)),
         )
         return False

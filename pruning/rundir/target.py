@@ -58,6 +58,21 @@ def stamp(info: os.stat_result) -> dict[str, int]:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
+def unchanged(info: os.stat_result, recorded: dict[str, int]) -> bool:
+    """The file is as the run wrote it: the same stamp, or the same size and second where the time has
+    no fraction left (a copy by a tool or onto a filesystem that keeps whole seconds: ``scp -p``, tar,
+    exFAT, SMB)."""
+    now = stamp(info)
+    if now == recorded:
+        return True
+    second = 10**9
+    return (
+        now["size"] == recorded["size"]
+        and now["mtime_ns"] % second == 0
+        and now["mtime_ns"] == recorded["mtime_ns"] // second * second
+    )
+
+
 def read_manifest(target: Path) -> dict[str, dict[str, int]] | None:
     """The files (relative path -> stamp) that the run in ``target`` wrote, from its run.json; None if
     there is no run.json. A run.json that is not a valid run record (hand-edited, an older version, not
@@ -100,7 +115,7 @@ def _strangers(target: Path, manifest: dict[str, dict[str, int]]) -> list[str]:
                 continue
             elif rel not in manifest:
                 found.append(f"{rel} (not written by a pruning run)")
-            elif not stat.S_ISREG(info.st_mode) or stamp(info) != manifest[rel]:
+            elif not stat.S_ISREG(info.st_mode) or not unchanged(info, manifest[rel]):
                 found.append(f"{rel} (changed since the run wrote it)")
     return found
 

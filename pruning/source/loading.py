@@ -106,7 +106,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, path: str, refuse_streaming: str 
     if find_weight_files(Path(path), trust_pickle=cfg.trust_pickle).safetensors:
         model, store = _load_placed(path, skeleton, placement, dtype, cfg.trust_pickle)
         return LoadedModel(model, tokenizer, store, placement)
-    del skeleton  # trusted pickles: transformers' loader reads them
+    if placement.streamed or len(placement.devices) > 1:
+        raise UserError(
+            f"model.device_map: placing or streaming parts reads safetensors; {path} has pickled weights"
+        )
+    del skeleton  # trusted pickles on one device: transformers' loader reads them
     try:
         # safetensors only, unless the user trusts pickles: never unpickle a .bin without consent
         model = AutoModelForCausalLM.from_pretrained(
@@ -147,6 +151,9 @@ def _load_placed(path: str, skeleton: Any, placement: Any, dtype: Any, trust_pic
         )
     model, store = load_placed(skeleton, ShardReader(files), placement, dtype)
     if (Path(path) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:  # from_pretrained falls back to the config's defaults too
+            logger.warning("%s/generation_config.json cannot be read (%s); using defaults", path, e)
     model.config._name_or_path = str(path)
     return model, store

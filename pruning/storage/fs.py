@@ -201,8 +201,9 @@ def relative_path_problem(name: object) -> str | None:
         return "must not contain a control character"
     try:
         encoded = os.fsencode(name)
+        name.encode("utf-8")  # a lone surrogate (a non-UTF-8 name) could not be written into run.json
     except UnicodeError:
-        return "must be encodable as a file name here"
+        return "must be a UTF-8 file name"
     if len(encoded) > PATH_MAX:
         return f"is longer than {PATH_MAX} bytes"
     parts = name.split("/")
@@ -228,12 +229,16 @@ def open_regular_file(path: str | os.PathLike[str], *, what: str) -> tuple[int, 
     from pruning.errors import UserError
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as e:
         raise UserError(f"{path}: {what} not found") from e
     except OSError as e:
         raise UserError(f"{path}: cannot read the {what} ({os_error_reason(e)})") from e
-    info = os.fstat(fd)
+    try:
+        info = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise UserError(f"{path}: cannot read the {what} ({os_error_reason(e)})") from e
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         if stat.S_ISDIR(info.st_mode):

@@ -26,10 +26,26 @@ from pruning.storage.fs import os_error_reason
 from pruning.storage.weight_files import TensorInfo, WeightFiles, numel, read_header
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
+    "C64": torch.complex64,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {}),
+}  # fmt: skip  (every safetensors dtype torch has; F4 and F6 have none: refused by name)
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,7 +59,7 @@ class ShardReader:
         for file in files.safetensors:
             for name, info in read_header(file).items():
                 if info.dtype not in TORCH_DTYPES:
-                    raise UserError(f"{file}: {name} is stored as {info.dtype}, which cannot be streamed")
+                    raise UserError(f"{file}: {name} is stored as {info.dtype}, which torch cannot hold")
                 self.where[name] = (file, info)
 
     def read(

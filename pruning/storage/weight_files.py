@@ -55,6 +55,9 @@ DTYPE_BITS = {
     "F6_E2M3": 6, "F6_E3M2": 6,
     "F4": 4,
 }  # fmt: skip
+# The ones torch has no dtype for (storage.shards.TORCH_DTYPES holds the rest): a source in them cannot
+# be loaded, and the preflight says so before loading, as the run would.
+NO_TORCH_DTYPE = ("F4", "F6_E2M3", "F6_E3M2")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                     f"{file}: truncated or corrupt safetensors header (declares {header_len} bytes)"
                 )
             header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
         raise UserError(f"{file}: corrupt safetensors header ({type(e).__name__})") from e
     except IsADirectoryError as e:
         raise UserError(f"{file}: is a directory, not a safetensors file") from e
