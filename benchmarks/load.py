@@ -89,27 +89,11 @@ def main() -> int:
     if args.model:
         report(args.model, args.runs)
         return 0
+    from memory import write_random_model_apart  # noqa: PLC0415 - a sibling script, run from here
+
     with tempfile.TemporaryDirectory(prefix="pruning-load-") as tmp:
         model_dir = Path(tmp) / f"random-llama-{args.shape}"
-        tokenizer = (
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    "from pruning.source.builtin import resolve; print(resolve('smollm2-135m'))",
-                ],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        memory = ROOT / "benchmarks" / "memory.py"
-        subprocess.run(
-            [sys.executable, str(memory), "--child-write", str(model_dir), args.shape, tokenizer], check=True
-        )
+        write_random_model_apart(model_dir, args.shape)
         report(model_dir, args.runs)
     return 0
 

@@ -101,6 +101,20 @@ def write_random_model(directory: Path, shape: str, tokenizer_dir: Path) -> None
     (directory / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
 
 
+def write_random_model_apart(model_dir: Path, shape: str, tokenizer_dir: str | None = None) -> None:
+    """``write_random_model`` in a child process (its memory is not the caller's), with the built-in
+    SmolLM2's tokenizer unless one is given."""
+    if tokenizer_dir is None:
+        resolve = "from pruning.source.builtin import resolve; print(resolve('smollm2-135m'))"
+        found = subprocess.run(
+            [sys.executable, "-c", resolve], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True
+        )
+        tokenizer_dir = found.stdout.strip().splitlines()[-1]
+    subprocess.run(
+        [sys.executable, __file__, "--child-write", str(model_dir), shape, tokenizer_dir], env=ENV, check=True
+    )
+
+
 def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str]) -> dict:
     engine = "layerwise" if mode == "streamed" else mode
     streaming = "always" if mode == "streamed" else "auto"
@@ -159,32 +173,9 @@ def main() -> int:
         write_random_model(Path(directory), shape, Path(tokenizer_dir))
         return 0
 
-    tokenizer_dir = (
-        args.tokenizer
-        or (
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    "from pruning.source.builtin import resolve; print(resolve('smollm2-135m'))",
-                ],
-                cwd=ROOT,
-                env=ENV,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-    )
     with tempfile.TemporaryDirectory(prefix="pruning-memory-") as tmp:
         model_dir = Path(tmp) / f"random-llama-{args.shape}"
-        subprocess.run(
-            [sys.executable, __file__, "--child-write", str(model_dir), args.shape, tokenizer_dir],
-            env=ENV,
-            check=True,
-        )
+        write_random_model_apart(model_dir, args.shape, args.tokenizer)
         weights = weight_bytes(model_dir)
         print(f"random Llama-shaped {args.shape} model, bf16: {weights / 2**30:.2f} GiB of weights")
         if args.set:
