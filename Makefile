@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2_0.2.yaml
 ARGS   ?=
 
-.PHONY: setup run test lint bench bench-memory llamacpp gguf-check clean
+.PHONY: setup run test lint bench bench-memory mutation llamacpp gguf-check clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,8 @@ test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check pruning tests benchmarks
-	$(BIN)/ruff format --check pruning tests benchmarks
+	$(BIN)/ruff check pruning tests benchmarks tools
+	$(BIN)/ruff format --check pruning tests benchmarks tools
 
 bench: setup
 	$(BIN)/python benchmarks/bench_analysis.py
@@ -34,6 +34,9 @@ bench: setup
 SHAPE ?= 1b
 bench-memory: setup   # make bench-memory SHAPE=13b (writes 24.6 GiB of random weights to /tmp first)
 	$(BIN)/python benchmarks/memory.py --shape $(SHAPE) $(ARGS)
+
+mutation: setup   # mutation testing on demand, not in CI (docs/mutation-testing.md): about 30 minutes on 2 cores
+	$(BIN)/python -m tools.mutation $(ARGS)
 
 LLAMACPP_VERSION := 0.3.36
 llamacpp: setup   # builds llama.cpp from source through pip (18.5 minutes on 2 cores: README, Serving the pruned model)

@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
-from pruning.calibration.engine import capture_layer_inputs
+from pruning.calibration.engine import capture_layer_inputs, run_layerwise
 from pruning.calibration.observers import GramCollector
-from pruning.compensation.refit import prune_with_refit, ridge_refit
+from pruning.compensation.refit import Refit, prune_with_refit, ridge_refit
+from pruning.config import CompensationConfig
 from pruning.families import ATTENTION, KINDS, adapter_for
 from pruning.planning.plan import LayerPlan, PruningPlan
 from pruning.surgery import apply_plan
@@ -234,3 +235,77 @@ def test_removal_error_with_uncorrelated_inputs_is_the_activation_energy() -> No
     mean_square = torch.rand(5, generator=gen) + 0.5
     errors = removal_errors(weight, torch.diag(mean_square), torch.arange(5)[:, None], ridge=1e-12)
     torch.testing.assert_close(errors, weight.pow(2).sum(dim=0) * mean_square, rtol=1e-5, atol=1e-6)
+
+
+def test_the_pass_hands_each_final_layer_to_done_in_eval_mode_and_restores_the_mode() -> None:
+    """``done(layer)`` hears of every decoder layer, in order, once it is final (a streamed run writes it
+    then): its weights then are those it ends with. The pass runs in eval mode (no dropout in the
+    statistics) and gives a model in training mode back in training mode."""
+    model = tiny_model("llama_gqa")
+    model.train()
+    heard: list[tuple[torch.nn.Module, bool, dict[str, torch.Tensor]]] = []
+
+    def done(layer: torch.nn.Module) -> None:
+        heard.append((layer, layer.training, {k: v.clone() for k, v in layer.state_dict().items()}))
+
+    prune_with_refit(model, make_plan(model), _windows(n=4, length=8), batch_size=4, done=done)
+    layers = adapter_for(model.config).decoder_layers(model)
+    assert len(heard) == len(layers)
+    assert all(seen is layer for (seen, _, _), layer in zip(heard, layers, strict=True))
+    assert not any(training for _, training, _ in heard)
+    for layer, _, state in heard:
+        final = layer.state_dict()
+        assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)
+    assert all(m.training for m in model.modules())
+
+
+def test_a_layer_is_replayed_once_per_block_left_to_refit() -> None:
+    """A block's Gram matrix costs a replay of its layer over every calibration token; a block that
+    loses nothing, or everything (nothing left to refit), is not replayed. The tiny plan: layer 0 loses
+    its attention and some channels, 1 some of both, 2 everything, 3 some groups and its MLP, 4 nothing."""
+    model = tiny_model("llama_gqa")
+    refit = Refit(model, make_plan(model))
+    replays: list[int] = []
+
+    def change(layer_idx: int, layer: torch.nn.Module, replay) -> None:
+        def counted(observers) -> None:
+            replays.append(layer_idx)
+            replay(observers)
+
+        refit(layer_idx, layer, counted)
+
+    run_layerwise(model, _windows(n=4, length=8), 4, [], change=change)
+    assert replays == [0, 1, 1, 3]
+
+
+def test_the_default_ridge_is_the_configured_one() -> None:
+    """``prune_with_refit`` and ``Refit`` used without a ridge refit with ``compensation.ridge``'s default:
+    the very weights that passing it gives, and not those of a ridge twice as large."""
+    model = tiny_model("llama_gqa")
+    plan, windows, ridge = _only_layer_1(model), _windows(n=4, length=8), CompensationConfig().ridge
+    explicit, by_default, by_refit, doubled = (copy.deepcopy(model) for _ in range(4))
+    prune_with_refit(explicit, plan, windows, batch_size=4, ridge=ridge)
+    prune_with_refit(by_default, plan, windows, batch_size=4)
+    run_layerwise(by_refit, windows, 4, [], change=Refit(by_refit, plan))
+    prune_with_refit(doubled, plan, windows, batch_size=4, ridge=2 * ridge)
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        x, y = a.state_dict(), b.state_dict()
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    assert same(by_default, explicit) and same(by_refit, explicit) and not same(doubled, explicit)
+
+
+def test_a_nearly_dead_input_is_damped_by_the_floor() -> None:
+    """The damp is ``ridge`` x the mean kept diagonal, but never below 1e-12, so that a dead or nearly dead
+    input stays solvable: inputs of scale 1e-7 (Gram diagonal near 2e-12) are refit with damp 1e-12."""
+    gen = torch.Generator().manual_seed(2)
+    x = 1e-7 * torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    keep = [0, 2, 5]
+    xk = x[:, keep]
+    assert 1e-3 * float((xk * xk).sum(dim=0).mean()) < 1e-13  # ridge x mean: far below the floor
+    stacked_x = torch.cat([xk, 1e-6 * torch.eye(len(keep), dtype=torch.float64)])  # sqrt(1e-12) = 1e-6
+    stacked_y = torch.cat([x @ weight.T, torch.zeros(len(keep), 3, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
+    torch.testing.assert_close(ridge_refit(weight, x.T @ x, keep, 1e-3), expected)

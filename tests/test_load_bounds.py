@@ -138,6 +138,21 @@ def test_config_values_are_refused_before_anything_is_built(
     _refused(model, f"{model / 'config.json'}", needle)
 
 
+def test_the_bound_on_removed_structures_is_inclusive(pruned_dir: Path) -> None:
+    """A dense size that leaves exactly the bound's number of KV groups and channels to remove is
+    accepted; one more is refused (4 layers of a 2**22-channel dense MLP, 5 KV groups removed)."""
+    from pruning.checkpoint.load_checks import MAX_REMOVED_STRUCTURES, check_config
+
+    config_file = pruned_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["intermediate_size"] = 2**22
+    config["pruning_layout"] = {**HAND_PRUNED_LAYOUT, "intermediate_size": [1, 1, 1, 2]}
+    check_config(config_file, config)  # removes 5 + 4 * 2**22 - 5 = 2**24
+    config["pruning_layout"]["intermediate_size"] = [1, 1, 1, 1]
+    with pytest.raises(UserError, match=f"remove {MAX_REMOVED_STRUCTURES + 1:,} structures; at most"):
+        check_config(config_file, config)
+
+
 def test_the_analysis_refuses_the_same_values_with_the_same_words(
     pruned_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -177,6 +192,34 @@ def test_the_skeleton_allocates_no_weight_even_for_a_dense_size_no_file_holds(pr
     assert all(p.is_meta for p in skeleton.parameters())
     assert skeleton.model.layers[0].mlp.gate_proj.weight.shape == (2**24, 2**24)
     assert not skeleton.model.rotary_emb.inv_freq.is_meta
+
+
+class _Payload:
+    """Unpickled, it creates ``marker``: what code hidden in a pickle could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_trusted_pickled_shards_are_still_read_without_running_code(pruned_dir: Path, tmp_path: Path) -> None:
+    """``trust_pickle`` lets pickled shards be read at all, with torch's weights-only unpickler: an
+    object that would run code on unpickling is refused, and its code never runs."""
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = Path(shutil.copytree(pruned_dir, tmp_path / "model"))
+    state: dict[str, Any] = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "payload": _Payload(marker)}, model / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_pruned_model(model, trust_pickle=True)
+    assert not marker.exists()
 
 
 # -- a safetensors header the library refuses: every reader says so in one line ---------------------

@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning.criteria.activation import ActivationCriterion
 from pruning.errors import UserError
-from pruning.families import adapter_for
+from pruning.families import ATTENTION, MLP, adapter_for
+from pruning.families.base import LayerCosts, LayerGeometry
 from pruning.planning.plan import PruningPlan
-from pruning.planning.planner import plan_global
+from pruning.planning.planner import (
+    Candidate,
+    _stock_config_accepts,
+    normalized_candidates,
+    plan_global,
+    removable_cost,
+    select_for_removal,
+)
+from pruning.planning.rounding import KeptShape
 from pruning.planning.scores import StructureScores
 from tests.tiny_models import ARCHS
 
 HD, G, K, C, HIDDEN, LAYERS = 16, 2, 2, 128, 64, 3
 
 
-def tiny_model() -> LlamaForCausalLM:
+def tiny_model(layers: int = LAYERS) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=HIDDEN,
         intermediate_size=C,
         num_attention_heads=G * K,
         num_key_value_heads=K,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         vocab_size=128,
         head_dim=HD,
     )
@@ -36,11 +47,11 @@ def model() -> LlamaForCausalLM:
     return tiny_model()
 
 
-def random_scores(seed: int = 0) -> StructureScores:
+def random_scores(seed: int = 0, layers: int = LAYERS) -> StructureScores:
     gen = torch.Generator().manual_seed(seed)
     return StructureScores(
-        attention=[torch.rand(K, generator=gen) * 1000 + 1 for _ in range(LAYERS)],
-        mlp=[torch.rand(C, generator=gen) * 10 + 0.1 for _ in range(LAYERS)],
+        attention=[torch.rand(K, generator=gen) * 1000 + 1 for _ in range(layers)],
+        mlp=[torch.rand(C, generator=gen) * 10 + 0.1 for _ in range(layers)],
     )
 
 
@@ -193,6 +204,36 @@ def test_unreachable_target_is_a_user_error_with_reachable_ratio(model: LlamaFor
         plan_global(model, random_scores(), 0.1, protected_layers=[0, 1, 2])
     with pytest.raises(UserError, match="reachable ratio"):
         plan_global(model, random_scores(), 0.6, min_kv_groups=1, min_channels=64)
+    # Minimums at the full size leave nothing removable, however small the target.
+    with pytest.raises(UserError, match=r"reachable ratio is 0\.00% \(0 parameters\)"):
+        plan_global(model, random_scores(), 0.001, min_kv_groups=K, min_channels=C)
+
+
+def test_removable_cost_counts_only_what_the_minimums_leave(model: LlamaForCausalLM) -> None:
+    """A minimum at or above a layer's count leaves none of that kind removable (not a negative count,
+    not one structure); protected layers count for nothing."""
+    costs = [adapter_for(model.config).costs(layer, HD) for layer in model.model.layers]
+    group, channel = cost_of((0, "attention", 0)), cost_of((0, "mlp", 0))
+    assert removable_cost(costs, set(), 0, 0) == LAYERS * (K * group + C * channel)
+    assert removable_cost(costs, set(), K, 0) == LAYERS * C * channel
+    assert removable_cost(costs, set(), 0, C) == LAYERS * K * group
+    assert removable_cost(costs, set(), K + 1, C + 5) == 0
+    assert removable_cost(costs, {0, 2}, 1, 100) == group + 28 * channel
+
+
+def test_a_target_of_exactly_the_reachable_cost_is_planned(model: LlamaForCausalLM) -> None:
+    """Reachable means reachable: a target equal to what the constraints allow is no error, whether it is
+    nothing (ratio 0, every layer protected) or every removable channel."""
+    plan = plan_global(model, random_scores(), 0.0, protected_layers=[0, 1, 2])
+    assert all(lp.is_empty for lp in plan.layers)
+    costs = [adapter_for(model.config).costs(layer, HD) for layer in model.model.layers]
+    reachable = removable_cost(costs, set(), K, 0)
+    before = sum(p.numel() for p in model.parameters())
+    ratio = reachable / before
+    assert ratio * before == reachable  # the target is exactly the reachable cost
+    plan = plan_global(model, random_scores(), ratio, min_kv_groups=K)
+    assert plan.extra["removed_kv_groups"] == 0
+    assert plan.params_planned <= plan.params_target
 
 
 def test_zero_ratio_plans_nothing(model: LlamaForCausalLM) -> None:
@@ -202,16 +243,21 @@ def test_zero_ratio_plans_nothing(model: LlamaForCausalLM) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {"ratio": 1.0},
-        {"ratio": -0.1},
-        {"ratio": 0.2, "ratio_of": "all"},
-        {"ratio": 0.2, "protected_layers": [3]},
+        ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
+        ({"ratio": 1.5}, r"ratio must be in \[0, 1\)"),
+        ({"ratio": -0.1}, r"ratio must be in \[0, 1\)"),
+        ({"ratio": 0.2, "ratio_of": "all"}, "ratio_of must be one of"),
+        ({"ratio": 0.2, "protected_layers": [3]}, r"protected_layers \[3\] out of range"),
+        ({"ratio": 0.2, "min_kv_groups": -1}, "must be >= 0"),
+        ({"ratio": 0.2, "min_channels": -1}, "must be >= 0"),
     ],
 )
-def test_bad_arguments_are_user_errors(model: LlamaForCausalLM, kwargs: dict) -> None:
-    with pytest.raises(UserError):
+def test_bad_arguments_are_user_errors(model: LlamaForCausalLM, kwargs: dict, message: str) -> None:
+    """Each argument is refused by its own check, with its own message: a ratio of 1 would otherwise be
+    refused only later, as an unreachable target, and a negative minimum would be planned with."""
+    with pytest.raises(UserError, match=message):
         plan_global(model, random_scores(), **kwargs)
 
 
@@ -267,3 +313,140 @@ def test_rounding_far_past_the_target_is_a_warning(model: LlamaForCausalLM, capl
     caplog.clear()
     plan_global(model, random_scores(), 0.2, criterion="test", shape=KeptShape(multiple_of=2))
     assert "more than the target" not in caplog.text  # a rounding of a few channels says nothing
+
+
+def layer_costs(
+    groups: int, channels: int, group_cost: int = 100, channel_cost: int = 10, attention_block: int = 0
+) -> LayerCosts:
+    """Hand-made costs, so layers can differ and an emptied block can cost something noticeable."""
+    return LayerCosts(
+        LayerGeometry(num_heads=groups * G, num_kv_heads=groups, head_dim=HD, intermediate_size=channels),
+        kv_group_cost=group_cost,
+        channel_cost=channel_cost,
+        attention_block_cost=attention_block,
+    )
+
+
+def by_structure(candidates: list[Candidate]) -> dict[tuple[int, str, int], tuple[float, int]]:
+    return {(c.layer_idx, c.kind, c.index): (c.value, c.cost) for c in candidates}
+
+
+def test_values_are_score_per_parameter_over_the_type_median() -> None:
+    """Layers of different sizes: each score is divided by its own layer's cost per structure, then by its
+    type's median; scores that share one scale already are only divided by the cost."""
+    costs = [
+        layer_costs(1, 2, group_cost=100, channel_cost=10),
+        layer_costs(2, 1, group_cost=200, channel_cost=30),
+    ]
+    attention = [torch.tensor([100.0]), torch.tensor([400.0, 1000.0])]  # per parameter 1 | 2, 5
+    mlp = [torch.tensor([10.0, 40.0]), torch.tensor([60.0])]  # per parameter 1, 4 | 2
+    got = by_structure(normalized_candidates(StructureScores(attention, mlp), costs))
+    assert got == {
+        (0, ATTENTION, 0): (pytest.approx(0.5), 100),
+        (1, ATTENTION, 0): (pytest.approx(1.0), 200),
+        (1, ATTENTION, 1): (pytest.approx(2.5), 200),
+        (0, MLP, 0): (pytest.approx(0.5), 10),
+        (0, MLP, 1): (pytest.approx(2.0), 10),
+        (1, MLP, 0): (pytest.approx(1.0), 30),
+    }
+    common = by_structure(normalized_candidates(StructureScores(attention, mlp, common_scale=True), costs))
+    assert {k: v for k, (v, _) in common.items()} == {
+        (0, ATTENTION, 0): pytest.approx(1.0),
+        (1, ATTENTION, 0): pytest.approx(2.0),
+        (1, ATTENTION, 1): pytest.approx(5.0),
+        (0, MLP, 0): pytest.approx(1.0),
+        (0, MLP, 1): pytest.approx(4.0),
+        (1, MLP, 0): pytest.approx(2.0),
+    }
+
+
+def test_type_scale_falls_back_to_the_mean_then_to_one() -> None:
+    """A median of 0 (most scores exactly zero) divides by the mean instead, whatever its size; a type
+    with no positive mean (all zero, or negative scores) is left as score / cost rather than divided by
+    0 or flipped in sign."""
+    costs = [layer_costs(1, 2), layer_costs(2, 1)]
+    mostly_zero = [torch.tensor([0.0]), torch.tensor([0.0, 150.0])]  # per parameter 0, 0, 1.5: mean 0.5
+    negative = [torch.tensor([-10.0, -40.0]), torch.tensor([-20.0])]  # per parameter -1, -4, -2
+    got = by_structure(normalized_candidates(StructureScores(mostly_zero, negative), costs))
+    assert [got[k][0] for k in ((0, ATTENTION, 0), (1, ATTENTION, 0), (1, ATTENTION, 1))] == [0.0, 0.0, 3.0]
+    assert [got[k][0] for k in ((0, MLP, 0), (0, MLP, 1), (1, MLP, 0))] == [-1.0, -4.0, -2.0]
+    zeros = StructureScores([torch.zeros(1), torch.zeros(2)], [torch.zeros(2), torch.zeros(1)])
+    assert {v for v, _ in by_structure(normalized_candidates(zeros, costs)).values()} == {0.0}
+
+
+def test_scores_that_do_not_fit_the_model_are_refused() -> None:
+    """A criterion's output for another model (more layers for either kind, or another count in one
+    layer) is refused, not silently truncated or read past."""
+    costs = [layer_costs(2, 3), layer_costs(2, 3)]
+    attention, mlp = [torch.ones(2), torch.ones(2)], [torch.ones(3), torch.ones(3)]
+    with pytest.raises(ValueError, match="scores cover 3/2 layers, the model has 2"):
+        normalized_candidates(StructureScores([*attention, torch.ones(2)], mlp), costs)
+    with pytest.raises(ValueError, match="scores cover 2/3 layers, the model has 2"):
+        normalized_candidates(StructureScores(attention, [*mlp, torch.ones(3)]), costs)
+    with pytest.raises(ValueError, match="layer 1: 3 attention scores for 2 structures"):
+        normalized_candidates(StructureScores([torch.ones(2), torch.ones(3)], mlp), costs)
+    with pytest.raises(ValueError, match="layer 0: 2 mlp scores for 3 structures"):
+        normalized_candidates(StructureScores(attention, [torch.ones(2), torch.ones(3)]), costs)
+
+
+def test_a_kind_gone_from_every_layer_gives_no_candidates() -> None:
+    """A model pruned before, with attention removed everywhere: only its channels are candidates."""
+    costs = [layer_costs(0, 2), layer_costs(0, 1)]
+    scores = StructureScores([torch.ones(0), torch.ones(0)], [torch.tensor([1.0, 2.0]), torch.tensor([3.0])])
+    got = normalized_candidates(scores, costs)
+    assert sorted((c.layer_idx, c.kind, c.index) for c in got) == [(0, MLP, 0), (0, MLP, 1), (1, MLP, 0)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_a_user_error(model: LlamaForCausalLM, bad: float) -> None:
+    """One overflowed score among finite ones would make the ranking meaningless: it is refused."""
+    scores = random_scores()
+    scores.mlp[1][5] = bad
+    with pytest.raises(UserError, match="mlp scores contain NaN or infinity"):
+        plan_global(model, scores, 0.2)
+
+
+def channels(layer_cost: LayerCosts) -> list[Candidate]:
+    return [Candidate(float(j), 0, MLP, j, layer_cost.channel_cost) for j in range(layer_cost.num_channels)]
+
+
+@pytest.mark.parametrize(("target", "count"), [(0.0, 0), (0.5, 1), (20.0, 2), (20.5, 3), (40.0, 4)])
+def test_selection_stops_at_the_first_structure_that_reaches_the_target(target: float, count: int) -> None:
+    """Channels of 10 parameters each: a target of exactly 20 takes two, 20.5 takes three, any positive
+    target at least one, a target of 0 none."""
+    costs = [layer_costs(1, 4)]
+    ranked = channels(costs[0])
+    assert select_for_removal(ranked, costs, target, set(), 0, 0) == ranked[:count]
+
+
+def test_emptying_a_block_counts_its_block_cost_once() -> None:
+    """The block cost (norm, bias) is freed with a block's last structure, not its second to last: with a
+    block cost of 1000, removing both groups (100 each) reaches a target of 150 and no more is taken."""
+    costs = [layer_costs(2, 4, attention_block=1000)]
+    groups = [Candidate(-1.0 + g, 0, ATTENTION, g, 100) for g in range(2)]
+    ranked = groups + channels(costs[0])
+    assert select_for_removal(ranked, costs, 150.0, set(), 0, 0) == groups
+    # The whole block is worth 1200: a target of 1190 is reached by the two groups alone.
+    assert select_for_removal(ranked, costs, 1190.0, set(), 0, 0) == groups
+
+
+def test_uniform_shape_is_recorded_and_refuses_protected_layers(model: LlamaForCausalLM) -> None:
+    """A uniform plan records its shape in ``extra`` (a free plan records none), works on a one-layer
+    model, and cannot keep a protected layer whole."""
+    one_layer = tiny_model(layers=1)
+    uniform = KeptShape(uniform=True)
+    plan = plan_global(one_layer, random_scores(layers=1), 0.1, shape=uniform)
+    assert plan.extra["shape"] == asdict(uniform)
+    assert plan.params_planned <= plan.params_target
+    assert "shape" not in plan_global(one_layer, random_scores(layers=1), 0.1).extra
+    rounded = KeptShape(multiple_of=8)
+    assert plan_global(model, random_scores(), 0.1, shape=rounded).extra["shape"] == asdict(rounded)
+    with pytest.raises(UserError, match="cannot keep protected_layers whole"):
+        plan_global(model, random_scores(), 0.1, protected_layers=[1], shape=uniform)
+
+
+def test_stock_config_accepts_only_what_its_config_class_takes() -> None:
+    """With 2 query heads per KV group and hidden size 90, LlamaConfig takes 2, 6 and 10 query heads (1, 3
+    and 5 groups) and refuses 4 and 8, which do not divide 90."""
+    config = LlamaConfig(hidden_size=90, num_attention_heads=10, num_key_value_heads=5, head_dim=16)
+    assert [k for k in range(1, 6) if _stock_config_accepts(config, 2, 16, k)] == [1, 3, 5]

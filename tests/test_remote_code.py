@@ -286,6 +286,25 @@ def test_a_layout_of_another_version_is_refused_by_the_shipped_code(tmp_path: Pa
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
 
 
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_the_shipped_code_reads_only_the_integer_version(version: object) -> None:
+    """``true == 1`` and ``1.0 == 1`` in Python: a layout that says either is not a version-1 layout."""
+    from types import SimpleNamespace
+
+    from pruning.checkpoint.modeling_pruned import read_layout
+
+    layout = {
+        "version": version,
+        "num_attention_heads": [4],
+        "num_key_value_heads": [2],
+        "intermediate_size": [8],
+    }
+    with pytest.raises(ValueError, match=f"version {version!r}; this modeling code"):
+        read_layout(SimpleNamespace(pruning_layout=layout, num_hidden_layers=1))
+    layout["version"] = LAYOUT_VERSION
+    assert read_layout(SimpleNamespace(pruning_layout=layout, num_hidden_layers=1)) == [(4, 2, 8)]
+
+
 # -- the package's own readers on the new checkpoints -----------------------------------------------
 
 

@@ -283,3 +283,187 @@ def test_a_restore_that_fails_is_one_line_saying_what_to_rename(tmp_path: Path, 
         f"renaming it back failed (Permission denied); rename it to {target} yourself"
     )
     assert previous.is_dir() and not target.exists()
+
+
+def _near_misses(parent: Path) -> dict[str, dict[str, str]]:
+    """Directories named almost as this tool names its own beside ``out``: a user's backups and copies.
+    One holds a whole run (run.json and all), so it looks restorable to a run that matched by prefix."""
+    staging_copy = parent / ".out.staging-1-abcdef12.bak"
+    (staging_copy / "models").mkdir(parents=True)
+    (staging_copy / "models" / "model.safetensors").write_bytes(b"a user's staged weights")
+    (parent / ".out.staging-1-abcdef123").mkdir()  # nine hex digits, not eight
+    (parent / ".out.staging-1-abcdef123" / "notes.txt").write_text("mine")
+    finish_run(parent / ".out.previous-1-abcdef12.bak", {"plan.json": b"the backed-up run"}, tmp=parent)
+    (parent / ".out.previous-22-abcdef12~").mkdir()
+    (parent / ".out.previous-22-abcdef12~" / "plan.json").write_text("an editor's copy")
+    return {p.name: tree_digest(p) for p in parent.iterdir() if p.name.startswith(".out.")}
+
+
+@pytest.mark.parametrize("previous_run", [False, True])
+def test_names_that_only_begin_like_ours_are_never_recovered(tmp_path: Path, previous_run: bool):
+    """Only the exact names a run makes are its leftovers: a prefix match would restore the backed-up run
+    as output.dir (no target) or delete its files by manifest (a target holding a run), and remove the
+    staging copy whole."""
+    target = finish_run(tmp_path / "out") if previous_run else tmp_path / "out"
+    before = _near_misses(tmp_path)
+    publish_new_run(target)  # overwrite: true, so a wrongly restored run would be replaced, not refused
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert not (target / "plan.json").exists()  # the new run, not the backed-up one restored
+    assert {p.name: tree_digest(p) for p in tmp_path.iterdir() if p.name.startswith(".out.")} == before
+
+
+def test_a_failed_second_rename_of_the_fallback_puts_the_previous_run_back(tmp_path: Path, monkeypatch):
+    """Without an atomic swap the previous run is renamed away first; if the staged run cannot then take
+    its place, the previous run must go back at once: output.dir is never left missing by a live run."""
+    import errno
+
+    target = finish_run(tmp_path / "out", {"plan.json": b"the previous run", "models/a.bin": b"old"})
+    before = tree_digest(target)
+    monkeypatch.setattr(staging, "exchange", lambda a, b: False)
+    real_rename = os.rename
+    refused = []
+
+    def second_rename_fails(src, dst):
+        if Path(dst) == target and Path(src).name.startswith(".out.staging-"):
+            refused.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(staging.os, "rename", second_rename_fails)
+    with pytest.raises(
+        UserError, match=r"could not publish \(No space left on device\); the complete run is"
+    ):
+        publish_new_run(target)
+    monkeypatch.undo()
+    assert len(refused) == 1  # the first rename (target -> .previous) went through; this one did not
+    assert tree_digest(target) == before and target.is_dir()
+    assert siblings(target) == []  # no .out.previous-* holds the run instead of output.dir
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.unpublished-")]
+    assert len(kept) == 1 and (kept[0] / "models" / "model.safetensors").read_bytes() == b"new weights"
+
+
+def test_several_previous_runs_and_no_target_are_all_left_alone(tmp_path: Path, caplog):
+    """Only one interrupted publish can be restored unambiguously. With two whole previous runs beside a
+    missing output.dir, nothing says which was published last: neither is restored, both stay whole
+    (each named in a warning), the staging leftover goes, and the new run publishes into a new directory."""
+    first = finish_run(tmp_path / ".out.previous-123-abcdef01", {"plan.json": b"first"}, tmp=tmp_path)
+    second = finish_run(tmp_path / ".out.previous-124-abcdef02", {"plan.json": b"second"}, tmp=tmp_path)
+    emptied = tmp_path / ".out.previous-125-abcdef03"  # a previous run whose listed files already went
+    (emptied / "models").mkdir(parents=True)
+    (emptied / "mine.txt").write_text("not the tool's")
+    half = tmp_path / ".out.staging-126-abcdef04"
+    (half / "models").mkdir(parents=True)
+    (half / "models" / "model.safetensors").write_bytes(b"half")
+    leftovers = {p: tree_digest(p) for p in (first, second, emptied)}
+    target = tmp_path / "out"
+    with staged(target, overwrite=True) as run:  # a restored run would then pass every later check
+        assert not target.exists()  # recovered: nothing was renamed to output.dir
+        finish_run(run.staging, {"models/model.safetensors": b"new weights"}, tmp=tmp_path)
+        run.publish()
+    assert (target / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert not (target / "plan.json").exists()
+    assert {p: tree_digest(p) for p in leftovers} == leftovers
+    assert not half.exists()
+    for previous in leftovers:
+        assert f"left {previous} alone: {target} does not hold a published run" in caplog.text
+
+
+def test_entering_checks_the_target_again_under_the_lock(tmp_path: Path):
+    """The preflight check ran before the lock: whatever appeared since must be refused on entering,
+    before a staging directory (and hours of pruning) exist, not only at publish time."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    entered = []
+    with pytest.raises(UserError, match="exists and is not empty"), staged(target, overwrite=False):
+        entered.append(True)
+    assert entered == [] and siblings(target) == []
+
+
+def test_a_published_run_says_so(tmp_path: Path):
+    target = tmp_path / "new" / "out"
+    with staged(target, overwrite=False) as run:
+        finish_run(run.staging, {"models/model.safetensors": b"w"}, tmp=tmp_path)
+        assert run.published is False
+        run.publish()
+        assert run.published is True
+    assert (target / "run.json").is_file() and siblings(target) == []
+
+
+def test_restoring_an_interrupted_publish_touches_nothing_else(tmp_path: Path, caplog):
+    """The restored directory is no leftover any more: the recovery must not go on to "clean" it."""
+    target = finish_run(tmp_path / "out")
+    before = tree_digest(target)
+    target.rename(tmp_path / ".out.previous-123-abcdef01")
+    with pytest.raises(UserError, match="not empty"), staged(target, overwrite=False):
+        pass
+    assert tree_digest(target) == before and siblings(target) == []
+    assert "restored" in caplog.text and "could not finish removing" not in caplog.text
+
+
+def test_an_invalid_run_record_is_never_restored(tmp_path: Path, caplog):
+    """A previous-run directory whose run.json does not validate cannot vouch for being a whole run."""
+    leftover = finish_run(tmp_path / ".out.previous-5-abcdef12")
+    (leftover / "run.json").write_text('{"report_type": "run_record"}')
+    before = tree_digest(leftover)
+    publish_new_run(tmp_path / "out", overwrite=False)
+    assert (tmp_path / "out" / "models" / "model.safetensors").read_bytes() == b"new weights"
+    assert tree_digest(leftover) == before  # neither restored nor cleaned: it is not provably ours
+
+
+def test_a_leftover_staging_directory_is_removed_and_named(tmp_path: Path, caplog):
+    target = finish_run(tmp_path / "out")
+    leftover = tmp_path / ".out.staging-77-0123abcd"
+    (leftover / "models").mkdir(parents=True)
+    (leftover / "models" / "half.safetensors").write_bytes(b"half")
+    publish_new_run(target)
+    assert not leftover.exists()
+    assert (
+        "removed .out.staging-77-0123abcd, the staging directory of a run that did not finish" in caplog.text
+    )
+
+
+def test_a_staging_leftover_with_an_invalid_record_is_left_and_not_called_removed(tmp_path: Path, caplog):
+    target = finish_run(tmp_path / "out")
+    leftover = tmp_path / ".out.staging-77-0123abcd"
+    leftover.mkdir()
+    (leftover / "run.json").write_text("not json")
+    publish_new_run(target)
+    assert (leftover / "run.json").read_text() == "not json"
+    assert f"left {leftover} alone: its run.json is not a valid run record" in caplog.text
+    assert "removed .out.staging" not in caplog.text
+
+
+def test_a_staging_leftover_that_cannot_be_removed_is_not_called_removed(tmp_path: Path, monkeypatch, caplog):
+    target = finish_run(tmp_path / "out")
+    leftover = tmp_path / ".out.staging-77-0123abcd"
+    leftover.mkdir()
+
+    def refused(path: Path) -> None:
+        raise OSError(16, "Device or resource busy", str(path))
+
+    monkeypatch.setattr(staging, "remove_tree", refused)
+    publish_new_run(target)
+    assert leftover.is_dir() and "could not finish removing" in caplog.text
+    assert "removed .out.staging" not in caplog.text
+
+
+def test_a_previous_runs_emptied_directory_is_removed(tmp_path: Path):
+    """A previous run whose listed files and run.json are gone (its removal was interrupted) leaves
+    empty directories: they go, so no leftover piles up beside the output."""
+    target = finish_run(tmp_path / "out")
+    leftover = tmp_path / ".out.previous-9-ffffffff"
+    (leftover / "models" / "sub").mkdir(parents=True)
+    publish_new_run(target)
+    assert not leftover.exists() and siblings(target) == []
+
+
+def test_a_staged_run_holds_the_lock_until_it_ends(tmp_path: Path):
+    """Two runs into one output.dir would each recover (delete) the other's staging directory."""
+    target = tmp_path / "out"
+    with staged(target, overwrite=False) as run:
+        with pytest.raises(UserError, match="is in use by another run"), staged(target, overwrite=False):
+            pass
+        assert run.staging.is_dir()  # the refused run touched nothing of ours
+    with staged(target, overwrite=False):  # released: free again
+        pass

@@ -276,3 +276,87 @@ def test_plan_for_pruned_shapes_prunes_again() -> None:
     ids = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, zeroed(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_plan_entry_for_another_layer_is_refused() -> None:
+    """Plans are matched to layers by position; an entry that names another layer (a plan reordered or
+    filtered by hand) would prune the wrong layer, so it is refused before anything is cut."""
+    model = tiny_model("llama_gqa")
+    plan = make_plan(model)
+    swapped = (plan.layers[1], plan.layers[0], *plan.layers[2:])
+    before = {name: p.shape for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="plan entry 0 is for layer 1"):
+        apply_plan(model, PruningPlan(layers=swapped))
+    assert {name: p.shape for name, p in model.named_parameters()} == before
+
+
+def test_one_layer_plan_for_other_shapes_is_refused() -> None:
+    """The layer-by-layer pass prunes one layer at a time: a plan for another shape (the layer was pruned
+    already) must be refused there too, not cut indices that no longer mean the same rows."""
+    from pruning.surgery import apply_layer_plan
+
+    model = tiny_model("llama_gqa")
+    plan = make_plan(model)
+    apply_layer_plan(model, plan.layers[1])
+    with pytest.raises(ValueError, match="layer 1: plan expects .*pruned already"):
+        apply_layer_plan(model, plan.layers[1])
+
+
+def test_query_heads_that_do_not_split_into_kv_groups_are_refused() -> None:
+    from pruning.families import LayerGeometry
+    from pruning.surgery import _check_layer
+
+    with pytest.raises(ValueError, match="layer 2: 6 query heads do not split into 4"):
+        _check_layer(2, LayerPlan(2, 4, 8), LayerGeometry(6, 4, 16, 8))
+    _check_layer(2, LayerPlan(2, 4, 8), LayerGeometry(8, 4, 16, 8))  # whole groups: accepted
+
+
+def test_size_attributes_follow_the_new_weights() -> None:
+    """An MLP's ``intermediate_size`` attribute must say what its weights hold after surgery (hooks and
+    users read it; the saved config is built from the weights, so nothing else would notice)."""
+    model = tiny_model("llama_gqa")
+    plan = make_plan(model)
+    apply_plan(model, plan)
+    layer = adapter_for(model.config).decoder_layers(model)[1]
+    assert layer.mlp.intermediate_size == plan.layers[1].num_channels - len(plan.layers[1].remove_channels)
+    assert layer.mlp.intermediate_size == layer.mlp.gate_proj.out_features
+
+
+def test_replaced_weights_give_their_file_pages_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each weight surgery replaces is released (its mapped file pages may go), the bias too; without
+    it a model loaded from a mapped file keeps the dense copy resident beside the pruned one."""
+    from pruning import surgery
+
+    released: list[int] = []
+    monkeypatch.setattr(surgery.file_pages, "release", lambda tensor: released.append(tensor.data_ptr()))
+    out, into = nn.Linear(4, 6, bias=True), nn.Linear(6, 4, bias=True)
+    old = [out.weight.data_ptr(), out.bias.data_ptr(), into.weight.data_ptr()]
+    surgery._prune_out(out, [1, 4])
+    surgery._prune_in(into, [1, 4])
+    assert released == old
+    assert out.weight.shape == (4, 4) and out.bias.shape == (4,) and into.weight.shape == (4, 4)
+    released.clear()
+    surgery._release(None, torch.empty(3, device="meta"))  # nothing to give back: not called
+    assert released == []
+
+
+@pytest.mark.parametrize(
+    ("layer0", "message"),
+    [
+        ((6, 3, 96), "layer 0: 6 heads, 3 KV heads and 96 channels cannot come from a layer of 4, 2 and 96"),
+        ((4, 2, 97), "layer 0: 4 heads, 2 KV heads and 97 channels cannot come from"),
+        ((3, 1, 64), "layer 0: 3 heads, 1 KV heads and 64 channels cannot come from"),
+    ],
+)
+def test_a_layout_no_dense_layer_can_shrink_to_is_refused(layer0: tuple[int, int, int], message: str) -> None:
+    """Each condition alone: more KV heads, more channels, or heads that are not whole dense groups (the
+    reloaded modules would not be the ones surgery made)."""
+    from pruning.families.layout import LayerSizes, Layout
+    from pruning.surgery import resize_to_layout
+
+    model = tiny_model("llama_gqa")
+    dense = pruned_layout(model)
+    layout = Layout.of([LayerSizes(*layer0), *list(dense)[1:]])
+    with pytest.raises(ValueError, match=message):
+        resize_to_layout(model, layout)
+    assert pruned_layout(model) == dense  # refused before anything was cut

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from pruning.errors import UserError
-from pruning.rundir.target import build_manifest, check_output_dir, check_writable, resolve_target
+from pruning.rundir.target import (
+    build_manifest,
+    check_output_dir,
+    check_writable,
+    read_manifest,
+    resolve_target,
+)
 from pruning.storage.fs import relative_path_problem, remove_listed
 from tests.finished_runs import finish_run
 
@@ -223,3 +229,183 @@ def test_a_file_name_that_is_not_utf8_cannot_enter_a_manifest(tmp_path: Path):
         f.write(b"x")
     with pytest.raises(UserError, match=r"the run wrote a file whose name must be a UTF-8 file name"):
         build_manifest(tmp_path)
+
+
+def test_a_symlinked_run_json_is_no_manifest(tmp_path: Path):
+    """A run.json that is a link vouches for nothing: it may be anyone's record, listing anything."""
+    real = finish_run(tmp_path / "real")
+    target = tmp_path / "out"
+    (target / "models").mkdir(parents=True)
+    (target / "models" / "model.safetensors").write_bytes(b"the user's weights")
+    (target / "run.json").symlink_to(real / "run.json")
+    assert read_manifest(real) is not None  # the record it points to is valid
+    assert read_manifest(target) is None
+    with pytest.raises(UserError, match="holds files that are not from a pruning run"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+def test_an_output_dir_that_is_the_model_dir_is_refused(tmp_path: Path):
+    """Equal paths overlap as surely as nested ones: checked before anything else, however the source
+    is spelt, even when the directory holds a finished run's files and nothing else."""
+    empty = tmp_path / "model"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"output.dir .*/model and the source model .*/model overlap"):
+        check_output_dir(empty, False, str(empty))
+    (tmp_path / "link").symlink_to(empty)
+    with pytest.raises(UserError, match="overlap"):
+        check_output_dir(empty, False, str(tmp_path / "link"))
+    finished = finish_run(tmp_path / "run")
+    with pytest.raises(UserError, match="overlap"):
+        check_output_dir(finished, True, str(finished) + "/")
+
+
+def test_files_listed_two_levels_deep_are_the_runs_own(tmp_path: Path):
+    """A hook's plots in analysis/plots/: every directory above a listed file is the run's, not only the
+    one holding it."""
+    files = {
+        "models/model.safetensors": b"weights",
+        "analysis/plots/a.png": b"png",
+        "analysis/plots/layers/7.png": b"png7",
+        "plan.json": b"{}",
+    }
+    target = finish_run(tmp_path / "out", files)
+    assert set(check_output_dir(target, True, "/nonexistent")) == set(files)
+
+
+# -- each refusal on its own, each boundary from both sides ---------------------------------------------
+
+
+def test_the_longest_name_the_staging_directory_can_follow(tmp_path: Path):
+    """255 bytes per name, less the 32 the staging name adds: 223 is accepted, 224 refused."""
+    assert resolve_target(str(tmp_path / ("a" * 223))).name == "a" * 223
+    with pytest.raises(UserError, match="is 224 bytes long; at most 223"):
+        resolve_target(str(tmp_path / ("a" * 224)))
+
+
+def test_a_run_json_of_another_report_type_is_no_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A valid report of another kind (a plan saved as run.json) lists no files: it cannot vouch."""
+    from pruning import reports
+
+    target = finish_run(tmp_path / "out")
+    monkeypatch.setattr(reports, "load", lambda path: {"report_type": "pruning_plan", "files": {}})
+    with pytest.raises(UserError, match=r"run.json is a pruning_plan, not a run record"):
+        read_manifest(target)
+
+
+def test_a_symlinked_directory_in_a_run_is_one_stranger_and_never_walked(tmp_path: Path):
+    """Walking through the link would list (and cost a walk of) whatever it points at: the home
+    directory, or /."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    for name in "abcde":
+        (elsewhere / "deep" / name).write_text(name)
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "link").symlink_to(elsewhere)
+    with pytest.raises(UserError) as info:
+        check_output_dir(target, True, "/nonexistent")
+    assert str(info.value) == (
+        f"output.dir {target} holds models/link (a symlink); overwrite replaces only what a previous run "
+        "wrote, so it refuses: move that away or choose another output.dir"
+    )
+
+
+def test_a_file_the_run_did_not_write_is_refused_by_name(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    (target / "models" / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError, match=r"holds models/notes.txt \(not written by a pruning run\);"):
+        check_output_dir(target, True, "/nonexistent")
+
+
+@pytest.mark.parametrize(("count", "more"), [(3, ""), (4, " and 1 more"), (6, " and 3 more")])
+def test_the_refusal_names_three_strangers_and_counts_the_rest(tmp_path: Path, count: int, more: str):
+    target = finish_run(tmp_path / "out")
+    for i in range(count):
+        (target / f"user{i}.txt").write_text("x")
+    with pytest.raises(UserError) as info:
+        check_output_dir(target, True, "/nonexistent")
+    named = ", ".join(f"user{i}.txt (not written by a pruning run)" for i in range(3))
+    assert f"holds {named}{more}; overwrite replaces only" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["output inside the model", "model inside the output"])
+def test_an_output_dir_overlapping_the_model_either_way_is_refused(tmp_path: Path, where: str):
+    model = tmp_path / "model"
+    target = model / "pruned" if where == "output inside the model" else tmp_path / "out"
+    model = model if where == "output inside the model" else target / "model"
+    model.mkdir(parents=True)
+    with pytest.raises(UserError, match="and the source model .* overlap"):
+        check_output_dir(target, False, str(model))
+
+
+def test_an_output_dir_beside_the_model_is_no_overlap(tmp_path: Path):
+    (tmp_path / "model").mkdir()
+    assert check_output_dir(tmp_path / "model-pruned", False, str(tmp_path / "model")) is None
+
+
+def test_an_existing_file_at_the_output_dir_is_refused(tmp_path: Path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(UserError, match="output.dir .*out exists and is not a directory"):
+        check_output_dir(tmp_path / "out", True, "/nonexistent")
+
+
+def test_an_empty_directory_is_used_without_overwrite(tmp_path: Path):
+    (tmp_path / "out").mkdir()
+    assert check_output_dir(tmp_path / "out", False, "/nonexistent") is None
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path: Path):
+    target = finish_run(tmp_path / "out")
+    with pytest.raises(UserError, match="exists and is not empty; set output.overwrite: true"):
+        check_output_dir(target, False, "/nonexistent")
+    assert set(check_output_dir(target, True, "/nonexistent")) == {
+        "models/model.safetensors",
+        "models/config.json",
+        "plan.json",
+    }
+
+
+def test_missing_parents_are_fine_when_the_first_existing_one_is_writable(tmp_path: Path):
+    check_writable(tmp_path / "a" / "b" / "out")
+
+
+def test_a_file_where_a_parent_should_be_is_refused(tmp_path: Path):
+    (tmp_path / "a").write_text("a file")
+    with pytest.raises(UserError, match=r"output.dir .*: .*/a is not a directory"):
+        check_writable(tmp_path / "a" / "b" / "out")
+
+
+def test_a_parent_that_is_not_writable_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Root writes everywhere, so the answer of ``os.access`` is what is simulated."""
+    from pruning.rundir import target as target_module
+
+    monkeypatch.setattr(target_module.os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=rf"output.dir .*: {tmp_path} is not writable"):
+        check_writable(tmp_path / "out")
+
+
+def test_exactly_enough_free_space_is_enough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import shutil
+
+    from pruning.rundir import target as target_module
+
+    usage = shutil.disk_usage(tmp_path)._replace(free=10 * 2**30)
+    monkeypatch.setattr(target_module.shutil, "disk_usage", lambda path: usage)
+    check_writable(tmp_path / "out", needed_bytes=10 * 2**30)
+    with pytest.raises(UserError, match="has 10.00 GiB free, the run needs about 10.00 GiB"):
+        check_writable(tmp_path / "out", needed_bytes=10 * 2**30 + 1)
+
+
+def test_the_manifest_lists_the_runs_regular_files_and_nothing_else(tmp_path: Path):
+    """Not run.json (it holds the manifest), not a symlink or a FIFO, nothing reached through a linked
+    directory: a manifest is the list of what a later overwrite may delete."""
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "model.safetensors").write_bytes(b"w")
+    (run / "run.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("p")
+    (run / "linked").symlink_to(elsewhere)
+    (run / "models" / "link.txt").symlink_to(elsewhere / "precious.txt")
+    os.mkfifo(run / "pipe")
+    assert list(build_manifest(run)) == ["models/model.safetensors"]

@@ -30,7 +30,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 LAYOUT_VERSION = 1  # the pruning_layout version this file reads (pruning.families.layout.LAYOUT_VERSION)
-MODELING_VERSION = f"{LAYOUT_VERSION}.0"  # this file: the layout version it builds, then its own revision
+MODELING_VERSION = f"{LAYOUT_VERSION}.1"  # this file: the layout version it builds, then its own revision
 LAYOUT_KEY = "pruning_layout"
 BLOCKS_KEY = "pruning_blocks"
 PRUNED_TYPE_PREFIX = "pruned_"
@@ -80,7 +80,11 @@ class LayerConfig:
 def read_layout(config: Any) -> list[tuple[int, int, int]]:
     """(query heads, KV heads, MLP channels) per layer; ValueError for a layout this file cannot build."""
     data = getattr(config, LAYOUT_KEY, None)
-    if not isinstance(data, dict) or data.get("version") != LAYOUT_VERSION:
+    if (
+        not isinstance(data, dict)
+        or type(data.get("version")) is not int
+        or data["version"] != LAYOUT_VERSION
+    ):
         found = data.get("version") if isinstance(data, dict) else data
         raise ValueError(
             f"config.json {LAYOUT_KEY}: version {found!r}; this modeling code (version {MODELING_VERSION}) "

@@ -47,10 +47,11 @@ class Layout:
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"{LAYOUT_KEY} must be an object, got {type(data).__name__}")
-        if data.get("version") != LAYOUT_VERSION:
-            raise ValueError(
-                f"{LAYOUT_KEY}: unsupported version {data.get('version')!r} (expected {LAYOUT_VERSION})"
-            )
+        if num_layers > MAX_LAYERS:  # what every reader of a depth enforces; a layout is per layer
+            raise ValueError(f"{LAYOUT_KEY}: {num_layers:,} layers; at most {MAX_LAYERS:,}")
+        version = data.get("version")
+        if type(version) is not int or version != LAYOUT_VERSION:  # true == 1 and 1.0 == 1 in Python
+            raise ValueError(f"{LAYOUT_KEY}: unsupported version {version!r} (expected {LAYOUT_VERSION})")
         lists = []
         for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             values = data.get(key)
