@@ -30,7 +30,15 @@ from pruning.families import adapter_for
 from pruning.planning.plan import LayerPlan, PruningPlan
 from pruning.storage.weight_files import WeightFiles
 from pruning.surgery import apply_plan, pruned_layout
-from tests.tiny_models import ARCH_IMPLS, ARCHS, TIED_ARCHS, input_ids, make_plan, tiny_model
+from tests.tiny_models import (
+    ARCH_IMPLS,
+    ARCHS,
+    TIED_ARCHS,
+    input_ids,
+    make_plan,
+    tiny_model,
+    uniformly_pruned,
+)
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle"}
 
@@ -56,24 +64,6 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _uniform(arch: str = "llama_gqa") -> nn.Module:
-    """Every layer loses its first KV group and every third MLP channel: the same sizes everywhere."""
-    model = tiny_model(arch)
-    adapter = adapter_for(model.config)
-    head_dim = adapter.head_dim(model.config)
-    geometries = [adapter.geometry(layer, head_dim) for layer in adapter.decoder_layers(model)]
-    plan = PruningPlan(
-        layers=tuple(
-            LayerPlan(
-                i, geo.num_kv_heads, geo.intermediate_size, (0,), tuple(range(0, geo.intermediate_size, 3))
-            )
-            for i, geo in enumerate(geometries)
-        )
-    )
-    apply_plan(model, plan)
-    return model
 
 
 def _as_shipped_class(model: nn.Module) -> nn.Module:
@@ -271,7 +261,7 @@ def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
 def test_weights_written_first_get_their_configs(tmp_path: Path) -> None:
     """A streamed run writes the weights into ``partial_dir`` itself; the save adds config.json (the
     class and the parameters' dtype) and the generation config, checks it all and publishes it."""
-    model = _uniform().to(torch.bfloat16)  # a stock config keeps the class save_pretrained would name
+    model = uniformly_pruned().to(torch.bfloat16)  # a stock config keeps the class save_pretrained would name
     model.generation_config.max_length = 33
     out = tmp_path / "m"
     weights = partial_dir(out)
@@ -294,7 +284,7 @@ def test_weights_written_first_get_their_configs(tmp_path: Path) -> None:
 
 def test_uniform_layers_are_saved_in_the_stock_format(tmp_path: Path) -> None:
     """Every layer with the same sizes: a stock config at those sizes, no layout and no code."""
-    model = _uniform()
+    model = uniformly_pruned()
     out = save_pruned_model(model, None, tmp_path / "m")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
@@ -318,7 +308,7 @@ def test_a_uniform_model_of_the_shipped_class_is_saved_stock(
     stock class instead, and the code is not left beside it."""
     # What transformers registers when it loads the shipped code; it makes save_pretrained copy the file.
     monkeypatch.setattr(modeling_pruned.PrunedForCausalLM, "_auto_class", "AutoModelForCausalLM")
-    model = _uniform()
+    model = uniformly_pruned()
     shipped = _as_shipped_class(model)
     shipped.save_pretrained(tmp_path / "plain")
     assert (tmp_path / "plain" / "modeling_pruned.py").is_file()

@@ -35,10 +35,9 @@ from pruning.checkpoint.save import save_pruned_model
 from pruning.families import KINDS, adapter_for, check_supported
 from pruning.families.layout import LAYOUT_KEY, LAYOUT_VERSION
 from pruning.families.shape_rules import compare_to_config
-from pruning.planning.plan import LayerPlan, PruningPlan
 from pruning.storage.weight_files import find_weight_files, stored_tensors
 from pruning.surgery import apply_plan, pruned_layout
-from tests.tiny_models import ARCHS, NUM_LAYERS, input_ids, make_plan, tiny_model
+from tests.tiny_models import ARCHS, NUM_LAYERS, input_ids, make_plan, tiny_model, uniformly_pruned
 
 SOURCE = Path(__file__).parent.parent / "pruning" / "checkpoint" / REMOTE_CODE_FILE
 
@@ -343,28 +342,6 @@ def test_a_checkpoint_in_the_first_format_still_loads(tmp_path: Path) -> None:
 # -- uniform layers: a stock checkpoint ---------------------------------------------------------------
 
 
-def _uniform(arch: str, groups: int = 1, **overrides: object) -> nn.Module:
-    """Every layer loses its first ``groups`` KV groups and every third MLP channel."""
-    model = tiny_model(arch, **overrides)
-    adapter = adapter_for(model.config)
-    head_dim = adapter.head_dim(model.config)
-    geometries = [adapter.geometry(layer, head_dim) for layer in adapter.decoder_layers(model)]
-    plan = PruningPlan(
-        layers=tuple(
-            LayerPlan(
-                i,
-                geo.num_kv_heads,
-                geo.intermediate_size,
-                tuple(range(groups)),
-                tuple(range(0, geo.intermediate_size, 3)),
-            )
-            for i, geo in enumerate(geometries)
-        )
-    )
-    apply_plan(model, plan)
-    return model
-
-
 def _check_stock(model: nn.Module, out: Path) -> None:
     """A stock config with the per-layer sizes and an explicit head_dim; plain from_pretrained loads it."""
     config = json.loads((out / "config.json").read_text())
@@ -386,14 +363,14 @@ def _check_stock(model: nn.Module, out: Path) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_uniform_layers_give_a_stock_checkpoint(arch: str, tmp_path: Path) -> None:
     groups = 2 if arch == "llama_mha" else 1  # 4 heads -> 2: Llama's config wants heads to divide hidden
-    model = _uniform(arch, groups)
+    model = uniformly_pruned(arch, groups)
     _check_stock(model, save_pruned_model(model, None, tmp_path / "m"))
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
 def test_uniform_head_dim_is_written_where_the_dense_config_derives_it(arch: str, tmp_path: Path) -> None:
     """Qwen2 and Phi-3 configs usually have no head_dim: hidden_size / heads, which pruning changes."""
-    model = _uniform(arch)
+    model = uniformly_pruned(arch)
     del model.config.head_dim  # the dense model's 64 / 4 heads = 16, now 2 heads per layer
     assert "head_dim" not in model.config.to_dict()
     out = save_pruned_model(model, None, tmp_path / "m")
@@ -404,7 +381,7 @@ def test_uniform_head_count_a_stock_config_refuses_keeps_the_pruned_format(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Llama's config requires hidden_size (64) to be a multiple of the head count (3 here)."""
-    model = _uniform("llama_mha", groups=1)
+    model = uniformly_pruned("llama_mha", groups=1)
     with caplog.at_level(logging.WARNING, logger="pruning.checkpoint.save"):
         out = save_pruned_model(model, None, tmp_path / "m")
     assert "not a multiple of the number of attention heads" in caplog.text
@@ -420,7 +397,7 @@ def test_uniform_head_count_a_stock_config_refuses_keeps_the_pruned_format(
 def test_a_uniform_model_loaded_with_the_shipped_code_is_saved_stock(tmp_path: Path) -> None:
     """transformers' save_pretrained of such a model writes auto_map, the code and its own class name;
     save_pruned_model replaces all three."""
-    model = _uniform("llama_gqa")
+    model = uniformly_pruned("llama_gqa")
     written = tmp_path / "m"
     model.save_pretrained(written)
     config = json.loads((written / "config.json").read_text())

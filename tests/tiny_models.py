@@ -29,6 +29,7 @@ from transformers import (
 
 from pruning.families import adapter_for
 from pruning.planning.plan import LayerPlan, PruningPlan
+from pruning.surgery import apply_plan
 
 ARCHS = ("llama_mha", "llama_gqa", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 TIED_ARCHS = ("llama_gqa", "qwen2", "qwen3", "gemma2", "gemma3")
@@ -128,3 +129,26 @@ def make_plan(model: PreTrainedModel, seed: int = 0) -> PruningPlan:
 def input_ids(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+def uniformly_pruned(arch: str = "llama_gqa", groups: int = 1, **overrides: object) -> PreTrainedModel:
+    """Every layer loses its first ``groups`` KV groups and every third MLP channel: the same sizes
+    everywhere, so the checkpoint takes the stock format."""
+    model = tiny_model(arch, **overrides)
+    adapter = adapter_for(model.config)
+    head_dim = adapter.head_dim(model.config)
+    geometries = [adapter.geometry(layer, head_dim) for layer in adapter.decoder_layers(model)]
+    plan = PruningPlan(
+        layers=tuple(
+            LayerPlan(
+                i,
+                geo.num_kv_heads,
+                geo.intermediate_size,
+                tuple(range(groups)),
+                tuple(range(0, geo.intermediate_size, 3)),
+            )
+            for i, geo in enumerate(geometries)
+        )
+    )
+    apply_plan(model, plan)
+    return model

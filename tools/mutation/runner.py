@@ -118,8 +118,10 @@ def run_jobs(
                 if pid == 0:
                     _child(job, basetemp)
                 running[pid] = (index, time.monotonic(), basetemp)
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
+            # Peek without reaping: while the child is a zombie its pid (the id of its process group)
+            # cannot be reused, so killing that group below reaches only what the tests started.
+            ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if ended is None:
                 now = time.monotonic()
                 for child, (index, start, basetemp) in list(running.items()):
                     if now - start > timeout:
@@ -130,8 +132,10 @@ def run_jobs(
                         on_done(index, verdict(None), now - start)
                 time.sleep(0.05)
                 continue
+            pid = ended.si_pid
             index, start, basetemp = running.pop(pid)
             _kill_group(pid)  # anything the tests left running
+            _, status = os.waitpid(pid, 0)
             shutil.rmtree(basetemp, ignore_errors=True)
             code = os.waitstatus_to_exitcode(status)
             on_done(index, verdict(code if code >= 0 else 128 - code), time.monotonic() - start)
