@@ -1,17 +1,22 @@
 """Peak memory and wall time of the whole pipeline on random Llama-shaped bf16 models.
 
-    python benchmarks/memory.py [--shape 1b|7b|13b] [--runs N] [--modes whole_model,layerwise,streamed]
+    python benchmarks/memory.py [--shape 1b|7b|8b|13b] [--runs N] [--modes whole_model,layerwise,streamed]
+        [--device cpu|cuda|cuda:N] [--set KEY=VALUE ...] [--tokenizer DIR] [--tmp-dir DIR]
 
 Writes a random-initialised model of the chosen shapes shard by shard (never whole in memory) into a
-temporary directory, with SmolLM2's tokenizer, then runs ``run_global_pruning.py`` on it with the
-default config (activation criterion, 20%, analysis hook, save; 8 calibration windows of 64 tokens)
-once per mode and run, each in a fresh process, and prints the medians side by side: peak resident
-memory (the run's own ``VmHWM``, ``peak_rss_mb`` in run.json), its ratio to the weight bytes, whether the run
-streamed (``model.streaming: auto`` streams a model whose weights exceed 70% of the available RAM),
-and time per stage. Modes: ``whole_model`` and ``layerwise`` are the calibration engines (streaming
-left to ``auto``); ``streamed`` is layerwise with ``model.streaming: always``. The plans of all runs
-must be equal; a difference exits 1. Missed targets are printed, not fatal: a streamed run at most
-8 GiB, an in-memory run at most 1.2x the weight bytes.
+temporary directory (under ``--tmp-dir``, default the system's, ``$TMPDIR``; removed at the end, failed
+runs included), with SmolLM2's tokenizer, then runs ``run_global_pruning.py`` on it with the default
+config but the activation criterion, selection ``plan`` and 8 calibration windows of 64 tokens from one
+text (20%, the config's hooks, save; ``--set`` overrides any of it, e.g. ``--set pruning.importance=obs_fisher
+--set compensation.method=refit --set compensation.selection=obs``) once per mode and run, each in a
+fresh process, on ``--device`` (``model.device_map``), and prints the medians side by side: peak
+resident memory (the run's own ``VmHWM``, ``peak_rss_mb`` in run.json), its ratio to the weight bytes,
+peak GPU memory (``peak_gpu_mb``, when the runs recorded one: torch saw a GPU), whether the run streamed
+(``model.streaming: auto`` streams a model whose weights exceed 70% of the available RAM), and time per
+stage. Modes: ``whole_model`` and ``layerwise`` are the calibration engines (streaming left to
+``auto``); ``streamed`` is layerwise with ``model.streaming: always``. The plans of all runs must be
+equal; a difference exits 1. Missed targets are printed, not fatal: a streamed run at most 8 GiB, an
+in-memory run at most 1.2x the weight bytes.
 
 run.json reads ``VmHWM``, not ``ru_maxrss`` (which Linux carries over across ``exec`` from the
 forking process); the benchmark process never imports torch anyway, so either is the child's own.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -33,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads (vocabulary: SmolLM2's tokenizer, 49,152)
     "1b": (2048, 5632, 22, 32, 4),  # TinyLlama-1.1B
     "7b": (4096, 11008, 32, 32, 32),  # Llama-2-7B
+    # Llama-3-8B's decoder; its own vocabulary is 128,256, but the tokenizer here is SmolLM2's, whose
+    # 49,152 ids the embedding and head keep: 1.21 GiB of bf16 less than the real one, in parts never pruned
+    "8b": (4096, 14336, 32, 32, 8),
     "13b": (5120, 13824, 40, 40, 40),  # Llama-2-13B
 }
 SHARD_BYTES = 2 * 10**9
@@ -115,7 +124,9 @@ def write_random_model_apart(model_dir: Path, shape: str, tokenizer_dir: str | N
     )
 
 
-def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str]) -> dict:
+def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str], device: str = "cpu") -> dict:
+    """One run in a fresh process. The settings below make the runs of all shapes comparable; ``extra``
+    comes last, so that any of them can be overridden."""
     engine = "layerwise" if mode == "streamed" else mode
     streaming = "always" if mode == "streamed" else "auto"
     args = [
@@ -128,7 +139,7 @@ def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str]) -> dic
         "--set",
         "model.dtype=bfloat16",
         "--set",
-        "pruning.importance=activation",  # what these figures measure; obs_fisher cannot stream
+        "pruning.importance=activation",  # what benchmarks/results/memory.md measures; --set obs_fisher
         "--set",
         "compensation.selection=plan",
         "--set",  # one text: the default mix's 5% shares would round to no window of 8
@@ -141,6 +152,8 @@ def run_pipeline(model_dir: Path, out: Path, mode: str, extra: list[str]) -> dic
         f"calibration.engine={engine}",
         "--set",
         f"model.streaming={streaming}",
+        "--set",
+        f"model.device_map={device}",
         *[arg for setting in extra for arg in ("--set", setting)],
         "--output-dir",
         str(out),
@@ -159,11 +172,17 @@ def weight_bytes(model_dir: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--shape", choices=list(SHAPES), default="1b")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--modes", default="whole_model,layerwise,streamed")
+    parser.add_argument(
+        "--device", default="cpu", help="model.device_map of the runs: cpu (default), cuda or cuda:N"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the built-in SmolLM2's)")
+    parser.add_argument(
+        "--tmp-dir", type=Path, help="where the random model and the runs' outputs go (default: $TMPDIR)"
+    )
     parser.add_argument(
         "--child-write", nargs=3, metavar=("DIR", "SHAPE", "TOKENIZER_DIR"), help=argparse.SUPPRESS
     )
@@ -173,22 +192,30 @@ def main() -> int:
         write_random_model(Path(directory), shape, Path(tokenizer_dir))
         return 0
 
-    with tempfile.TemporaryDirectory(prefix="pruning-memory-") as tmp:
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if args.tmp_dir:
+        args.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pruning-memory-", dir=args.tmp_dir) as tmp:
         model_dir = Path(tmp) / f"random-llama-{args.shape}"
         write_random_model_apart(model_dir, args.shape, args.tokenizer)
         weights = weight_bytes(model_dir)
         print(f"random Llama-shaped {args.shape} model, bf16: {weights / 2**30:.2f} GiB of weights")
-        if args.set:
-            print(f"config overrides: {' '.join(args.set)}")
+        print(f"device: {args.device}; config overrides: {' '.join(args.set) or 'none'}")
         results: dict[str, list[dict]] = {}
         for run in range(args.runs):
             for mode in args.modes.split(","):
                 out = Path(tmp) / f"out-{mode}-{run}"
-                results.setdefault(mode, []).append(run_pipeline(model_dir, out, mode, args.set))
+                results.setdefault(mode, []).append(run_pipeline(model_dir, out, mode, args.set, args.device))
                 shutil.rmtree(out)
         plans = [r["plan"]["layers"] for records in results.values() for r in records]
         same_plan = all(plan == plans[0] for plan in plans)
-        header = f"{'mode':<12} {'peak RSS':>10} {'x weights':>10} {'streamed':>9}  time per stage"
+        # run.json has peak_gpu_mb whenever the run's torch saw a GPU (about 0 when the run left it unused)
+        gpu_seen = any(r.get("peak_gpu_mb") is not None for records in results.values() for r in records)
+        gpu_header = f" {'peak GPU':>12}" if gpu_seen else ""
+        header = (
+            f"{'mode':<12} {'peak RSS':>12}{gpu_header} {'x weights':>10} {'streamed':>9}  time per stage"
+        )
         print(f"{header} (medians of {args.runs})")
         for mode, records in results.items():
             peak = statistics.median(r["peak_rss_mb"] for r in records) * 2**20
@@ -205,11 +232,12 @@ def main() -> int:
                 target = f"[{verdict} <= {TARGET_RATIO}x]"
             timing = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
             total = sum(stages.values())
-            if records[0].get("peak_gpu_mb") is not None:
-                gpu = statistics.median(r["peak_gpu_mb"] for r in records) / 2**10
-                timing = f"peak GPU {gpu:.2f} GiB; {timing}"
+            gpu = ""
+            if gpu_seen:
+                gpu_peaks = [r["peak_gpu_mb"] for r in records if r.get("peak_gpu_mb") is not None]
+                gpu = f" {statistics.median(gpu_peaks) / 2**10:>8.2f} GiB" if gpu_peaks else f" {'-':>12}"
             print(
-                f"{mode:<12} {peak / 2**30:>8.2f} GiB {ratio:>9.2f}x {str(streamed):>9}  "
+                f"{mode:<12} {peak / 2**30:>8.2f} GiB{gpu} {ratio:>9.2f}x {str(streamed):>9}  "
                 f"{timing}; total {total:.0f} s  {target}"
             )
         print(f"same plan from every run: {same_plan}")

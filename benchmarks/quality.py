@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", action="store_true", help="keep the .jsonl's finished rows, run the rest")
     parser.add_argument(
+        "--keep-checkpoints", default=None, metavar="DIR", help="copy our rows' checkpoints into DIR"
+    )
+    parser.add_argument(
         "--render", action="store_true", help="only write --out from its .jsonl and .meta.json (no run)"
     )
     parser.add_argument("--note", default="", help="a paragraph for the report's head (how the run was made)")
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides,
             texts_dir=args.texts_dir,
             quick=args.quick,
+            keep_dir=args.keep_checkpoints,
         )
         for ratio in ratios
         for name, overrides in methods

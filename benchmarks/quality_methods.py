@@ -66,6 +66,55 @@ OURS: list[tuple[str, dict[str, Any]]] = [
     # --methods can pick them
     ("ours: obs_fisher + refit + obs selection; mix 80/10/10; 128x256", {**_OBS_FISHER, **_mix(0.8, 0.1)}),
     ("ours: obs_fisher + refit + obs selection; mix 90/5/5; 128x256", {**_OBS_FISHER, **_mix(0.9, 0.05)}),
+    # issue 20's levers for a faster default, each on top of the previous one
+    (
+        "ours: 90/5/5; obs_steps 32; fisher 16",
+        {**_OBS_FISHER, **_mix(0.9, 0.05), "compensation.obs_steps": 32, "calibration.fisher_samples": 16},
+    ),
+    (
+        "ours: 90/5/5; obs_steps 32; fisher 16; 64x256",
+        {
+            **_OBS_FISHER,
+            **_mix(0.9, 0.05),
+            "compensation.obs_steps": 32,
+            "calibration.fisher_samples": 16,
+            "calibration.num_samples": 64,
+        },
+    ),
+    (
+        "ours: 90/5/5; obs_steps 32; fisher 16; dense inputs",
+        {
+            **_OBS_FISHER,
+            **_mix(0.9, 0.05),
+            "compensation.obs_steps": 32,
+            "calibration.fisher_samples": 16,
+            "compensation.inputs": "dense",
+        },
+    ),
+    (
+        "ours: 90/5/5; obs_steps 32; fisher 32; 128x128",
+        {
+            **_OBS_FISHER,
+            **_mix(0.9, 0.05),
+            "compensation.obs_steps": 32,
+            "calibration.fisher_samples": 32,
+            "calibration.seq_len": 128,
+        },
+    ),
+    # kept counts in multiples (issue 20: the speed they buy against their quality cost)
+    *[
+        (
+            f"ours: 90/5/5; obs_steps 32; fisher 16; multiple_of {multiple}",
+            {
+                **_OBS_FISHER,
+                **_mix(0.9, 0.05),
+                "compensation.obs_steps": 32,
+                "calibration.fisher_samples": 16,
+                "pruning.multiple_of": multiple,
+            },
+        )
+        for multiple in (1, 16, 32, 64, 128)
+    ],
     # the default with one size for every layer (a stock config): what serving anywhere costs
     ("ours: default; uniform", {**_OBS_FISHER, **_mix(0.9, 0.05), "pruning.uniform": True}),
     (
@@ -119,3 +168,4 @@ class RowSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     texts_dir: str | None = None
     quick: bool = False  # a smoke run: variants keep the tiny calibration size
+    keep_dir: str | None = None  # this project's rows copy their checkpoint here (--keep-checkpoints)

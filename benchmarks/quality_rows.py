@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -207,6 +209,11 @@ def run_ours(spec: RowSpec) -> dict[str, Any]:
         if spec.device.startswith("cuda"):
             torch.cuda.empty_cache()
         row["eval"] = _evaluate(model.eval(), _tokenizer(spec.model), spec)
+        if spec.keep_dir:  # for benchmarks/speed.py: the checkpoint outlives the row
+            kept = Path(spec.keep_dir) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', spec.method)}-{spec.ratio:g}"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(checkpoint, kept)
+            row["notes"]["checkpoint"] = str(kept)
     return row
 
 

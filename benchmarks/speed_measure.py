@@ -1,4 +1,5 @@
-"""Timing prefill and decode in transformers and llama.cpp: models interleaved, medians of repetitions."""
+"""Timing prefill and decode in transformers (CPU or GPU) and llama.cpp (CPU, one engine per GGUF type):
+models interleaved, medians of repetitions."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ logger = logging.getLogger("speed")
 DENSE = "dense"
 TRANSFORMERS = "transformers"
 LLAMA_CPP = "llama.cpp"
+ENGINES = (TRANSFORMERS, LLAMA_CPP)
+
+
+def llama_cpp_engine(gguf_type: str | None) -> str:
+    """The engine column of a GGUF set: ``llama.cpp f16``, or ``llama.cpp`` for the one unlabelled set."""
+    return f"{LLAMA_CPP} {gguf_type}" if gguf_type else LLAMA_CPP
 
 
 @dataclass
@@ -26,19 +33,27 @@ class Variant:
     model: Any
     params: int
     shapes: ModelShapes
+    device: str = "cpu"
 
 
 def load_variant(
-    label: str, path: str, dtype: str = "float32", attn_implementation: str | None = None
+    label: str,
+    path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    device: str = "cpu",
 ) -> Variant:
-    """A checkpoint directory (dense or pruned; ``load_pruned_model`` reads both) in eval mode on the CPU."""
+    """A checkpoint directory (dense or pruned; ``load_pruned_model`` reads both) in eval mode, its
+    weights read straight onto ``device``."""
     import torch
 
     from pruning.checkpoint.load import load_pruned_model
 
-    model = load_pruned_model(path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    model = load_pruned_model(
+        path, dtype=getattr(torch, dtype), device=device, attn_implementation=attn_implementation
+    )
     params = sum(p.numel() for p in model.parameters())
-    return Variant(label, str(path), model.eval(), params, model_shapes(model))
+    return Variant(label, str(path), model.eval(), params, model_shapes(model), device)
 
 
 def costs(variants: Sequence[Variant], prompt_len: int, new_tokens: int) -> list[dict[str, Any]]:
@@ -72,22 +87,41 @@ def prompt_ids(vocab: int, batch: int, prompt_len: int, seed: int) -> Any:
     return torch.randint(0, vocab, (batch, prompt_len), generator=gen)
 
 
-def time_prefill(model: Any, ids: Any) -> float:
+def _nothing() -> None:
+    pass
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What makes the host wait for the work queued on ``device``: a GPU runs kernels after their launch
+    returns, so a timed region ends when they finish, not when the host has queued them."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return _nothing
+
+
+def time_prefill(model: Any, ids: Any, sync: Callable[[], None] = _nothing) -> float:
     """Seconds of one forward over ``ids`` with the KV cache built and the last position's logits."""
     import torch
 
     mask = torch.ones_like(ids)
     with torch.inference_mode():
+        sync()
         start = time.perf_counter()
         model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        sync()
         return time.perf_counter() - start
 
 
-def time_generate(model: Any, ids: Any, new_tokens: int) -> dict[str, float]:
+def time_generate(
+    model: Any, ids: Any, new_tokens: int, sync: Callable[[], None] = _nothing
+) -> dict[str, float]:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens, stamped at every step by a logits processor.
 
     ``decode_s``: first stamp (after the prompt's forward) to the last: ``new_tokens - 1`` decode steps.
-    ``generate_prefill_s``: call to first stamp (generate's set-up and the prompt's forward).
+    ``generate_prefill_s``: call to first stamp (generate's set-up and the prompt's forward). Each stamp
+    waits for the step's logits (``sync``), so on a GPU a step is counted when its kernels have run.
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -97,6 +131,7 @@ def time_generate(model: Any, ids: Any, new_tokens: int) -> dict[str, float]:
             self.stamps: list[float] = []
 
         def __call__(self, input_ids: Any, scores: Any) -> Any:
+            sync()
             self.stamps.append(time.perf_counter())
             return scores
 
@@ -116,6 +151,7 @@ def time_generate(model: Any, ids: Any, new_tokens: int) -> dict[str, float]:
     clock = StepClock()
     mask = torch.ones_like(ids)
     with torch.inference_mode():
+        sync()
         start = time.perf_counter()
         out = model.generate(
             input_ids=ids,
@@ -123,6 +159,7 @@ def time_generate(model: Any, ids: Any, new_tokens: int) -> dict[str, float]:
             generation_config=config,
             logits_processor=LogitsProcessorList([clock]),
         )
+        sync()
         end = time.perf_counter()
     if tuple(out.shape) != (ids.shape[0], ids.shape[1] + new_tokens) or len(clock.stamps) != new_tokens:
         raise RuntimeError(
@@ -139,8 +176,10 @@ def time_generate(model: Any, ids: Any, new_tokens: int) -> dict[str, float]:
 def measure_transformers(variant: Variant, ids: Any, new_tokens: int) -> dict[str, Any]:
     """One repetition of one model at one batch size: a row of timings and tokens per second."""
     batch, prompt_len = ids.shape
-    prefill_s = time_prefill(variant.model, ids)
-    generated = time_generate(variant.model, ids, new_tokens)
+    ids = ids.to(variant.device)  # before the clock: the prompt's copy to a GPU is no model's work
+    sync = synchronizer(variant.device)
+    prefill_s = time_prefill(variant.model, ids, sync)
+    generated = time_generate(variant.model, ids, new_tokens, sync)
     return {
         "engine": TRANSFORMERS,
         "model": variant.label,
@@ -182,10 +221,10 @@ def open_llama_cpp(path: str, prompt_len: int, new_tokens: int, threads: int) ->
 
 
 def measure_llama_cpp(
-    label: str, llm: Any, prompt: Sequence[int], decode_ids: Sequence[int]
+    label: str, llm: Any, prompt: Sequence[int], decode_ids: Sequence[int], engine: str = LLAMA_CPP
 ) -> dict[str, Any]:
     """One repetition in llama.cpp, batch 1: ``eval(prompt)`` after ``reset()``, then one ``eval`` per
-    token of ``decode_ids`` (``new_tokens - 1`` fixed ids)."""
+    token of ``decode_ids`` (``new_tokens - 1`` fixed ids). ``engine`` names the GGUF set in the rows."""
     llm.reset()
     start = time.perf_counter()
     llm.eval(list(prompt))
@@ -195,7 +234,7 @@ def measure_llama_cpp(
     end = time.perf_counter()
     prefill_s, decode_s = prefilled - start, end - prefilled
     return {
-        "engine": LLAMA_CPP,
+        "engine": engine,
         "model": label,
         "batch": 1,
         "prompt_len": len(prompt),
@@ -219,16 +258,17 @@ def measure(
     runs: int,
     warmup: int = 1,
     seed: int = 0,
-    llama: dict[str, Any] | None = None,
+    llama: dict[str, dict[str, Any]] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """``warmup + runs`` repetitions; in each, every batch size, and at each every model in turn, then
-    llama.cpp (``llama``: label -> opened model, batch 1) for every model it has. Returns every row,
-    warm-up rows marked ``warmup: true``."""
+    """``warmup + runs`` repetitions; in each, every batch size, and at each every model in turn in
+    transformers, then each llama.cpp engine (``llama``: engine -> label -> opened model, batch 1) for
+    every model it has. No ``batch_sizes``: transformers is not timed (the variants still give the
+    vocabulary of the prompt). Returns every row, warm-up rows marked ``warmup: true``."""
     if new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 (decode is timed from the first token to the last)")
     vocab = min(int(v.model.config.vocab_size) for v in variants)
-    ids = prompt_ids(vocab, max(batch_sizes), prompt_len, seed)
+    ids = prompt_ids(vocab, max(batch_sizes, default=1), prompt_len, seed)
     decode_ids = prompt_ids(vocab, 1, new_tokens - 1, seed + 1)[0].tolist()
     rows: list[dict[str, Any]] = []
     for rep in range(warmup + runs):
@@ -239,11 +279,12 @@ def measure(
                 rows.append({"rep": rep - warmup, "warmup": is_warmup, **row})
                 if on_row:
                     on_row(rows[-1])
-        for label, llm in (llama or {}).items():
-            row = measure_llama_cpp(label, llm, ids[0].tolist(), decode_ids)
-            rows.append({"rep": rep - warmup, "warmup": is_warmup, **row})
-            if on_row:
-                on_row(rows[-1])
+        for engine, models in (llama or {}).items():
+            for label, llm in models.items():
+                row = measure_llama_cpp(label, llm, ids[0].tolist(), decode_ids, engine)
+                rows.append({"rep": rep - warmup, "warmup": is_warmup, **row})
+                if on_row:
+                    on_row(rows[-1])
         kept = [r for r in rows if r["rep"] == rep - warmup]
         logger.info(
             "%s %d: %s",

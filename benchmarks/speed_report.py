@@ -8,12 +8,13 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from speed_measure import DENSE, LLAMA_CPP
+from speed_measure import DENSE, LLAMA_CPP, TRANSFORMERS
 
 
 def summarize(rows: Sequence[dict[str, Any]], dense: str = DENSE) -> list[dict[str, Any]]:
     """Per (engine, batch, model), in first-seen order: median, min and max of prefill and decode tok/s
-    over the counted repetitions, and the median's ratio to the dense model's at the same engine and batch."""
+    over the counted repetitions, and the median's ratio to the dense model's at the same engine and batch
+    (each GGUF type is an engine of its own, so a q8_0 model is compared with the q8_0 dense)."""
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for row in rows:
         if not row.get("warmup"):
@@ -104,23 +105,43 @@ def cost_table(cost_rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def protocol(args: argparse.Namespace, llama_version: str | None, llama_ran: bool) -> str:
+def _llama_engines(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """The llama.cpp engines (one per GGUF type) in the table's order."""
+    return list(dict.fromkeys(e["engine"] for e in summary if e["engine"].startswith(LLAMA_CPP)))
+
+
+def protocol(
+    args: argparse.Namespace,
+    llama_version: str | None,
+    llama_engines: Sequence[str],
+    transformers_ran: bool,
+) -> str:
     """The sentences above the table."""
     text = (
-        f"Each of {args.runs} repetitions (after {args.warmup} warm-up) measures every model in turn at "
-        f"every batch size (interleaved, so drift affects all alike); cells are the median with min-max. "
-        f"transformers, {args.dtype}, batch sizes {', '.join(map(str, args.batch_sizes))}: a prompt of "
-        f"{args.prompt_len} fixed random token ids (seed {args.seed}) per sequence; prefill tok/s = batch x "
-        f"{args.prompt_len} / one forward over the prompt (`use_cache=True`, last position's logits only); "
-        f"decode tok/s = batch x {args.new_tokens - 1} / the time inside greedy `generate` of exactly "
-        f"{args.new_tokens} new tokens (`min_new_tokens = max_new_tokens`, `use_cache=True`) from its first "
-        f"step (the prompt's forward) to its last, i.e. the {args.new_tokens - 1} one-token forwards with "
-        "the KV cache and generate's per-step work."
+        f"Each of {args.runs} repetitions (after {args.warmup} warm-up) measures every model of every "
+        "engine in turn at every batch size (interleaved, so drift affects all alike); cells are the "
+        "median with min-max."
     )
-    if llama_ran:
+    if transformers_ran:
+        sync = ""
+        if args.device != "cpu":
+            sync = " (`torch.cuda.synchronize()` before and after each timed region and each step)"
+        attention = args.attn_implementation or "transformers' default"
         text += (
-            f" llama.cpp (llama-cpp-python {llama_version}), batch 1, same prompt: prefill = "
-            f"`llm.eval(prompt)` after `llm.reset()` (`n_batch` = {args.prompt_len}); decode = "
+            f" transformers on {args.device}{sync}, {args.dtype}, attention {attention}, batch sizes "
+            f"{', '.join(map(str, args.batch_sizes))}: a prompt of {args.prompt_len} fixed random token ids "
+            f"(seed {args.seed}) per sequence; prefill tok/s = batch x {args.prompt_len} / one forward over "
+            f"the prompt (`use_cache=True`, last position's logits only); decode tok/s = batch x "
+            f"{args.new_tokens - 1} / the time inside greedy `generate` of exactly {args.new_tokens} new "
+            f"tokens (`min_new_tokens = max_new_tokens`, `use_cache=True`) from its first step (the prompt's "
+            f"forward) to its last, i.e. the {args.new_tokens - 1} one-token forwards with the KV cache and "
+            "generate's per-step work."
+        )
+    if llama_engines:
+        sets = "" if llama_engines == [LLAMA_CPP] else f" ({', '.join(llama_engines)}: one GGUF set each)"
+        text += (
+            f" llama.cpp{sets} (llama-cpp-python {llama_version}) on the CPU, batch 1, same prompt: "
+            f"prefill = `llm.eval(prompt)` after `llm.reset()` (`n_batch` = {args.prompt_len}); decode = "
             f"{args.new_tokens - 1} calls of `llm.eval([token])` fed fixed random token ids."
         )
     text += (
@@ -139,19 +160,25 @@ def report(
     args: argparse.Namespace,
 ) -> str:
     info, vers = meta["machine"], meta["versions"]
-    llama_ran = any(e["engine"] == LLAMA_CPP for e in summary)
+    llama_engines = _llama_engines(summary)
+    transformers_ran = any(e["engine"] == TRANSFORMERS for e in summary)
+    on_gpu = transformers_ran and meta["device"] != "cpu"
+    where = "the CPU"
+    if on_gpu:
+        where = "the GPU (transformers)" + (" and the CPU (llama.cpp)" if llama_engines else "")
     lines = [
-        "# Speed: dense and pruned on the CPU",
+        f"# Speed: dense and pruned on {where}",
         "",
         f"`python benchmarks/speed.py {shlex.join(meta['argv'])}`, finished {meta['finished']}.",
         "",
+        *([f"- GPU: {info.get('gpu', meta['device'])}"] if on_gpu else []),
         f"- CPU: {info['cpu']}, {info['cores']} cores ({info['cores_usable']} usable); torch threads "
-        f"{meta['torch_threads']}" + (f"; llama.cpp threads {args.threads}" if llama_ran else ""),
+        f"{meta['torch_threads']}" + (f"; llama.cpp threads {args.threads}" if llama_engines else ""),
         "- " + ", ".join(f"{k} {v}" for k, v in vers.items()),
         "- Models: " + "; ".join(f"{c['model']} = `{c['path']}`" for c in cost_rows),
         *([f"- {meta['llama_cpp_note']}"] if meta.get("llama_cpp_note") else []),
         "",
-        protocol(args, meta.get("llama_cpp_version"), llama_ran),
+        protocol(args, meta.get("llama_cpp_version"), llama_engines, transformers_ran),
         "",
         table(summary, cost_rows),
         "",

@@ -95,6 +95,7 @@ class CalibrationConfig:
     seed: int = 0
     engine: str = "layerwise"  # layerwise | whole_model (pruning.calibration.engine)
     gradient_checkpointing: bool = False  # taylor: recompute activations in the backward to save memory
+    fisher_samples: int | None = None  # obs_fisher: windows of the Fisher backward (None: all)
 
     def mix(self) -> tuple[WeightedSource, ...]:
         """The texts calibration draws from, with their weights (``source`` alone has weight 1)."""
@@ -112,6 +113,8 @@ class CompensationConfig:
     method: str = "none"  # none | refit (pruning.compensation.refit)
     ridge: float = 1e-3
     selection: str = "plan"  # plan | obs: which structures each block loses (pruning.compensation.refit)
+    obs_steps: int = 128  # greedy OBS (obs, obs_fisher, selection obs): updates per block (compensation.obs)
+    inputs: str = "pruned"  # pruned | dense: whose activations the refit fits (pruning.compensation.refit)
 
 
 @dataclass(frozen=True)
@@ -331,8 +334,8 @@ def _find_not_finite(value: Any, path: list[Any]) -> list[Any] | None:
 
 
 def _check_switches(raw: dict[str, Any], importance: str, path: Path) -> None:
-    """A switch that only some criteria read (``calibration.gradient_checkpointing``) is refused when
-    the configured criterion does not take it, rather than silently ignored."""
+    """A switch that only some criteria read (``calibration.gradient_checkpointing``, ``fisher_samples``)
+    is refused when the configured criterion does not take it, rather than silently ignored."""
     from pruning.criteria.registry import CRITERIA, SWITCHES
 
     options = CRITERIA.options(importance)
@@ -361,6 +364,10 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
         raise UserError(f"{path}: calibration: give source (one text) or sources (a mix), not both")
     calibration["sources"] = tuple(WeightedSource(**item) for item in calibration.get("sources", ()))
     _check_switches(raw, pruning.get("importance", PruningConfig.importance), path)
+    if (calibration.get("fisher_samples") or 0) > (windows := calibration.get("num_samples", 64)):
+        raise UserError(
+            f"{path}: calibration.fisher_samples is more than calibration.num_samples ({windows})"
+        )
     if pruning.get("uniform") and pruning["protected_layers"]:
         raise UserError(
             f"{path}: pruning.uniform gives every layer one size, so protected_layers "
@@ -368,11 +375,12 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
         )
     compensation = raw.get("compensation", {})
     method = compensation.get("method", "none")
-    if compensation.get("selection", "plan") != "plan" and method != "refit":
-        raise UserError(
-            f"{path}: compensation.selection: {compensation['selection']} re-chooses structures in the "
-            f"refit pass, which runs only with compensation.method: refit (it is {method})"
-        )
+    for key, default in (("inputs", "pruned"), ("selection", "plan")):  # settings of the refit pass
+        if compensation.get(key, default) != default and method != "refit":
+            raise UserError(
+                f"{path}: compensation.{key}: {compensation[key]} is a setting of the refit pass, which "
+                f"runs only with compensation.method: refit (it is {method})"
+            )
     for key, size in (raw["model"].get("max_memory") or {}).items():
         try:
             size_in_bytes(str(size))

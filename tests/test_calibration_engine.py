@@ -167,7 +167,7 @@ def test_bf16_model_calibrates_with_fp32_statistics() -> None:
 @pytest.mark.parametrize(("arch", "impl"), ARCH_IMPLS)
 def test_layerwise_logits_equal_a_whole_model_forward(arch: str, impl: str, batch_size: int) -> None:
     """Final norm, head and Gemma's logit soft-capping come from the model's own forward."""
-    from pruning.calibration.engine import layerwise_logits
+    from pruning.calibration.layer_head import layerwise_logits
 
     model = tiny_model(arch, impl)
     windows = _windows()

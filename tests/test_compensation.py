@@ -265,17 +265,49 @@ def test_a_layer_is_replayed_once_per_block_left_to_refit() -> None:
     its attention and some channels, 1 some of both, 2 everything, 3 some groups and its MLP, 4 nothing."""
     model = tiny_model("llama_gqa")
     refit = Refit(model, make_plan(model))
-    replays: list[int] = []
+    replays: list[tuple[int, str]] = []
 
     def change(layer_idx: int, layer: torch.nn.Module, replay) -> None:
-        def counted(observers) -> None:
-            replays.append(layer_idx)
-            replay(observers)
+        names = {module: name for name, module in layer.named_modules()}
+
+        def counted(observers, until=None) -> None:
+            replays.append((layer_idx, names[until]))
+            replay(observers, until)
 
         refit(layer_idx, layer, counted)
 
     run_layerwise(model, _windows(n=4, length=8), 4, [], change=change)
-    assert replays == [0, 1, 1, 3]
+    assert replays == [
+        (0, "mlp.down_proj"),
+        (1, "self_attn.o_proj"),
+        (1, "mlp.down_proj"),
+        (3, "self_attn.o_proj"),
+    ]
+
+
+def test_a_replay_until_a_module_stops_there_with_the_same_statistics() -> None:
+    """A replay that stops at the output projection's input gathers the Gram matrix a whole replay
+    gathers, bit for bit, and runs nothing after it (the attention replay never reaches the MLP)."""
+    model = tiny_model("llama_gqa")
+    grams: dict[str, dict[str, torch.Tensor]] = {}
+    mlp_calls: list[str] = []
+    layer = model.model.layers[1]
+    layer.mlp.register_forward_pre_hook(lambda m, a: mlp_calls.append(current[0]))
+    current = [""]
+
+    def change(layer_idx: int, layer: torch.nn.Module, replay) -> None:
+        if layer_idx != 1:
+            return
+        for label, until in (("whole", None), ("until", layer.self_attn.o_proj)):
+            current[0] = label
+            collector = GramCollector(["self_attn.o_proj"])
+            replay([collector], until)
+            grams[label] = collector.gram
+        current[0] = "run"  # the layer's own run, after the change
+
+    run_layerwise(model, _windows(n=5, length=8), 2, [], change=change)
+    assert torch.equal(grams["until"]["self_attn.o_proj"], grams["whole"]["self_attn.o_proj"])
+    assert mlp_calls.count("until") == 0 and mlp_calls.count("whole") == 3
 
 
 def test_the_default_ridge_is_the_configured_one() -> None:
@@ -309,3 +341,108 @@ def test_a_nearly_dead_input_is_damped_by_the_floor() -> None:
     stacked_y = torch.cat([x @ weight.T, torch.zeros(len(keep), 3, dtype=torch.float64)])
     expected = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
     torch.testing.assert_close(ridge_refit(weight, x.T @ x, keep, 1e-3), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "phi3", "gemma3"])
+def test_dense_inputs_refit_each_block_on_the_dense_models_gram_matrices(arch: str) -> None:
+    """``inputs="dense"``: every block is refit on what the dense model feeds it (the Gram matrices one
+    dense layer-by-layer pass collects), not on what the pruned earlier layers produce; each layer
+    runs once per batch, and the pruned model then equals the dense one with those structures zeroed and
+    those refit weights written in."""
+    from pruning.calibration.engine import calibrate
+
+    model = tiny_model(arch)
+    dense = copy.deepcopy(model)
+    plan, windows = make_plan(model), _windows()
+    adapter = adapter_for(model.config)
+    layers = adapter.decoder_layers(dense)
+    paths = ("self_attn.o_proj", "mlp.down_proj")
+    collectors = {i: GramCollector(paths) for i in range(len(layers))}
+
+    class Grams:
+        def watch(self, idx: int, layer: torch.nn.Module):
+            return collectors[idx].watch(idx, layer)
+
+        def layer_done(self, idx: int, layer: torch.nn.Module) -> None:
+            pass
+
+    calibrate(dense, windows, 4, [Grams()])
+    calls: list[int] = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    prune_with_refit(model, plan, windows, batch_size=4, inputs="dense")
+    capture = [i for _ in range(2) for i in range(len(layers))]  # recorders, for the two batches
+    assert calls == capture + [i for i in range(len(layers)) for _ in range(2)]  # then one run each
+
+    expected = copy.deepcopy(dense)
+    zero_plan_structures(expected, plan)
+    for lp in plan.layers:
+        blocks = ((ATTENTION, lp.remove_kv_groups, paths[0]), ("mlp", lp.remove_channels, paths[1]))
+        for kind, removed, path in blocks:
+            count = lp.num_kv_groups if kind == ATTENTION else lp.num_channels
+            if not removed or len(removed) == count:
+                continue
+            keep = lp.keep_kv_groups if kind == ATTENTION else lp.keep_channels
+            geo = adapter.geometry(layers[lp.layer_idx], adapter.head_dim(dense.config))
+            owned = next(o for o in adapter.owned_slices(kind, geo) if o.axis == 1)
+            weight = layers[lp.layer_idx].get_submodule(path).weight
+            refit = ridge_refit(weight, collectors[lp.layer_idx].gram[path], owned.indices(keep), 1e-3)
+            target = adapter.decoder_layers(expected)[lp.layer_idx].get_submodule(path).weight
+            with torch.no_grad():
+                target[:, owned.indices(keep)] = refit
+    ids = input_ids(batch=3, length=10)
+    torch.testing.assert_close(model(ids).logits, expected(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _refit_with_and_without_mlp_outputs(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, prepare=lambda model: None
+):
+    """(pruned with the MLP outputs handed to the next run, pruned without, up_proj calls of the first);
+    ``prepare`` changes each copy first."""
+    from pruning.compensation import refit as refit_module
+
+    plan, windows = make_plan(model), _windows(n=5)
+    shortcut, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prepare(shortcut)
+    prepare(plain)
+    calls: list[int] = []
+    for i, layer in enumerate(adapter_for(shortcut.config).decoder_layers(shortcut)):
+        layer.mlp.up_proj.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    prune_with_refit(shortcut, plan, windows, batch_size=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(refit_module.MlpOutputs, "known", lambda self, layer, kept: None)
+        prune_with_refit(plain, plan, windows, batch_size=2)
+    return shortcut, plain, calls, plan
+
+
+def test_the_next_run_takes_the_refit_mlps_outputs_instead_of_computing_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the MLP's refit, the layer's run that feeds the next layer reuses the projection inputs its
+    replay kept: up_proj runs in the capture, the replay and the one-batch check only, never in that
+    run, and the pruned model is the one computing the MLP again would give."""
+    model = tiny_model("llama_gqa")
+    shortcut, plain, calls, plan = _refit_with_and_without_mlp_outputs(model, monkeypatch)
+    refit_mlps = [lp.layer_idx for lp in plan.layers if lp.remove_channels and not lp.mlp_removed]
+    assert refit_mlps  # the tiny plan refits some MLPs
+    for idx in refit_mlps:  # three batches in the replay, one check, none in the layer's run
+        assert calls.count(idx) == 3 + 1, (idx, calls.count(idx))
+    ids = input_ids(batch=3, length=10)
+    torch.testing.assert_close(shortcut(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlp_that_does_more_than_its_projection_is_run_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin family's MLP may scale its projection's output: the first batch's check sees the MLP's
+    own output differ and the layer's run computes the MLP, so the result is still right."""
+
+    def doubled_mlps(model: torch.nn.Module) -> None:
+        for layer in adapter_for(model.config).decoder_layers(model):
+            forward = layer.mlp.forward
+            layer.mlp.forward = lambda x, forward=forward: 2.0 * forward(x)
+
+    model = tiny_model("llama_gqa")
+    shortcut, plain, calls, plan = _refit_with_and_without_mlp_outputs(model, monkeypatch, doubled_mlps)
+    refit_mlps = [lp.layer_idx for lp in plan.layers if lp.remove_channels and not lp.mlp_removed]
+    assert [calls.count(idx) for idx in refit_mlps] == [3 + 1 + 3] * len(refit_mlps)  # the run computes it
+    ids = input_ids(batch=3, length=10)
+    torch.testing.assert_close(shortcut(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)

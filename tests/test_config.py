@@ -66,8 +66,9 @@ def test_smollm2_config_values():
             seq_len=256,
             batch_size=4,
             seed=0,
+            fisher_samples=16,
         ),
-        compensation=CompensationConfig(method="refit", ridge=0.001, selection="obs"),
+        compensation=CompensationConfig(method="refit", ridge=0.001, selection="obs", obs_steps=32),
         pruning=PruningConfig(
             ratio=0.2,
             ratio_of="total",
@@ -75,7 +76,7 @@ def test_smollm2_config_values():
             protected_layers=(),
             min_kv_groups=0,
             uniform=False,
-            multiple_of=1,
+            multiple_of=64,
             heads_multiple_of=1,
         ),  # fmt: skip
         output=OutputConfig(dir="results/smollm2_0.2", overwrite=False),
@@ -442,3 +443,19 @@ def test_expanded_size_counts_shared_parts_as_copies():
     leaf = [1, 2, 3]
     assert expanded_size({"a": leaf, "b": [leaf, leaf]}) == 1 + 4 + (1 + 4 + 4)
     assert expanded_size(7) == 1
+
+
+def test_fisher_samples_beyond_the_windows_and_refit_settings_without_a_refit_are_refused(tmp_path: Path):
+    raw = yaml.safe_load(SMOLLM2.read_text(encoding="utf-8"))
+    raw["calibration"]["fisher_samples"] = 129
+    with pytest.raises(UserError, match=r"fisher_samples is more than calibration.num_samples \(128\)"):
+        load_config(write(tmp_path, raw))
+    raw["calibration"]["fisher_samples"] = 128
+    assert load_config(write(tmp_path, raw)).calibration.fisher_samples == 128
+    raw["compensation"] = {"method": "none", "inputs": "dense"}
+    with pytest.raises(UserError, match=r"compensation.inputs: dense is a setting of the refit pass"):
+        load_config(write(tmp_path, raw))
+    raw["pruning"]["importance"] = "activation"
+    raw["compensation"] = {"method": "refit"}
+    with pytest.raises(UserError, match="fisher_samples applies only to the criteria that take it"):
+        load_config(write(tmp_path, raw))

@@ -250,8 +250,8 @@ def test_by_default_a_block_takes_128_steps_and_a_fresh_state_every_32(
 
 def test_removals_leave_the_exact_state_of_the_kept_columns() -> None:
     """``_remove``'s in-place downdates track what ``_exact_state`` computes afresh for the columns still
-    kept: the refit weights, and ``H^-1`` of the kept columns with the removed rows and columns zero and
-    their diagonal one, so a periodic refresh only undoes rounding."""
+    kept: the refit weights, and ``H^-1`` of the kept columns, with the removed rows and columns zero and
+    their diagonal one, so a periodic refresh only undoes rounding (and drops those rows and columns)."""
     x, weight, _ = _problem(seed=14, count=7, width=1)
     h = x.T @ x / len(x)
     w, h_inv = _exact_state(weight, h, torch.arange(7))
@@ -259,9 +259,13 @@ def test_removals_leave_the_exact_state_of_the_kept_columns() -> None:
     for step in ([5], [0, 2]):
         _remove(w, h_inv, torch.tensor(step))
         gone += step
-        exact_w, exact_h_inv = _exact_state(weight, h, torch.tensor([c for c in range(7) if c not in gone]))
-        torch.testing.assert_close(w, exact_w, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(h_inv, exact_h_inv, rtol=1e-6, atol=1e-9)
+        kept = torch.tensor([c for c in range(7) if c not in gone])
+        exact_w, exact_h_inv = _exact_state(weight, h, kept)
+        assert exact_w.shape == (4, len(kept)) and exact_h_inv.shape == (len(kept), len(kept))
+        torch.testing.assert_close(w[:, kept], exact_w, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(h_inv[kept[:, None], kept[None, :]], exact_h_inv, rtol=1e-6, atol=1e-9)
+        assert torch.all(w[:, gone] == 0) and torch.all(h_inv[gone][:, kept] == 0)
+        assert torch.all(h_inv[gone, gone] == 1)
 
 
 def test_a_nearly_dead_input_is_damped_by_the_floor() -> None:

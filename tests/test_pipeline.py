@@ -465,8 +465,11 @@ def test_a_streamed_run_gives_the_plain_run_and_writes_each_layer_as_it_goes(
     ("sections", "message"),
     [
         ({"pruning": {"ratio": 0.2, "importance": "taylor"}}, "taylor needs a backward"),
-        ({"pruning": {"ratio": 0.2, "importance": "obs_fisher"}}, "obs_fisher needs a backward"),
         ({"calibration": {"engine": "whole_model"}}, "whole_model needs every weight in memory"),
+        (
+            {"pruning": {"ratio": 0.2, "importance": "obs_fisher"}, "calibration": {"engine": "whole_model"}},
+            "whole_model needs every weight in memory",
+        ),
     ],
 )
 def test_what_cannot_stream_says_so_before_any_weight_is_read(
@@ -482,6 +485,20 @@ def test_what_cannot_stream_says_so_before_any_weight_is_read(
     err = capsys.readouterr().err
     assert result.code == 2 and message in err and "streaming always" in err
     assert len(err.strip().splitlines()) == 1 and not result.out.exists()
+
+
+def test_a_streamed_default_criterion_run_gives_the_in_memory_run(tmp_path: Path, tiny_dir: Path) -> None:
+    """The default's criterion, refit and selection (obs_fisher, its Fisher backward layer by layer in
+    reverse) stream: the same plan, tensors and reports as in memory."""
+    sections = {
+        "pruning": {"ratio": 0.2, "importance": "obs_fisher"},
+        "calibration": {"fisher_samples": 3},
+        "compensation": {"method": "refit", "selection": "obs"},
+    }
+    in_memory = prune(tmp_path, tiny_dir, "memory", **sections)
+    streamed = prune(tmp_path, tiny_dir, "streamed", model={"streaming": "always"}, **sections)
+    assert streamed.record["placement"]["streamed"] and not in_memory.record["placement"]["streamed"]
+    _same_run(in_memory, streamed)
 
 
 def test_taylor_with_gradient_checkpointing_gives_the_same_plan(
@@ -545,6 +562,8 @@ def test_a_refit_run_keeps_the_plan_and_changes_only_output_projections(
         "method": "refit",
         "ridge": 0.001,
         "selection": "plan",
+        "obs_steps": 128,
+        "inputs": "pruned",
     }
     refit, plain = _saved_tensors(refit_run.out), _saved_tensors(baseline.out)
     assert sorted(refit) == sorted(plain)

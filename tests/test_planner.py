@@ -303,16 +303,19 @@ def test_planned_size_is_the_size_after_surgery(arch: str, ratio: float):
 
 
 def test_rounding_far_past_the_target_is_a_warning(model: LlamaForCausalLM, caplog) -> None:
-    """Finding 13: multiple_of above the MLP size removes whole MLPs, far more than asked, silently."""
+    """Finding 13: multiple_of above the MLP size removes whole MLPs, far from what was asked, silently."""
     from pruning.planning.rounding import KeptShape
 
     plan = plan_global(model, random_scores(), 0.2, criterion="test", shape=KeptShape(multiple_of=2 * C))
     removed = plan.params_before - plan.params_planned
-    assert removed > 1.5 * (plan.params_before - plan.params_target)  # the case is real
+    assert removed > 1.4 * (plan.params_before - plan.params_target)  # the case is real
     assert "more than the target" in caplog.text and "multiple_of" in caplog.text
     caplog.clear()
     plan_global(model, random_scores(), 0.2, criterion="test", shape=KeptShape(multiple_of=2))
     assert "more than the target" not in caplog.text  # a rounding of a few channels says nothing
+    plan = plan_global(model, random_scores(), 0.15, criterion="test", shape=KeptShape(multiple_of=2 * C))
+    assert plan.params_before - plan.params_planned < 0.7 * (plan.params_before - plan.params_target)
+    assert "35% less than the target" in caplog.text  # the nearer boundary may be far short of it too
 
 
 def layer_costs(

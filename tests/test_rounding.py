@@ -7,10 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning.errors import UserError
-from pruning.families import ATTENTION, MLP
+from pruning.families import ATTENTION, MLP, adapter_for
 from pruning.families.base import LayerCosts, LayerGeometry
 from pruning.planning.planner import Candidate, plan_global
-from pruning.planning.rounding import KeptShape, round_per_layer, select_uniform
+from pruning.planning.rounding import KeptShape, block_chunks, select_aligned, select_uniform
 from pruning.planning.scores import StructureScores
 from pruning.surgery import apply_plan, pruned_layout
 from tests.test_planner import LAYERS, C, K, physical_param_count, random_scores, tiny_model, values
@@ -69,18 +69,68 @@ def test_uniform_follows_the_global_share_of_attention() -> None:
 
 
 @pytest.mark.parametrize("multiple", [8, 32])
-def test_multiple_of_rounds_kept_channels_down(model: LlamaForCausalLM, multiple: int) -> None:
+@pytest.mark.parametrize("ratio", [0.2, 0.33])
+def test_multiple_of_keeps_multiples_and_the_ratio(
+    model: LlamaForCausalLM, multiple: int, ratio: float
+) -> None:
+    """Every layer keeps a multiple of channels, each its lowest-ranked gone, and the plan removes the
+    target to within half a chunk (``multiple`` channels), on either side: rounding does not lose the
+    ratio."""
     scores = random_scores(6)
-    free = plan_global(model, scores, 0.2)
-    plan = plan_global(model, scores, 0.2, shape=KeptShape(multiple_of=multiple))
-    for free_lp, lp in zip(free.layers, plan.layers, strict=True):
-        n = len(lp.keep_channels)
-        assert n % multiple == 0
-        assert set(free_lp.remove_channels) <= set(lp.remove_channels)  # rounding only adds removals
-        if free_lp.remove_channels:
-            assert n > len(free_lp.keep_channels) - multiple
-        else:
-            assert n == C  # an untouched layer keeps its size
+    plan = plan_global(model, scores, ratio, shape=KeptShape(multiple_of=multiple))
+    target = ratio * plan.params_before
+    removed = plan.params_before - plan.params_planned
+    layer_costs = adapter_for(model.config).costs(model.model.layers[0], model.config.head_dim)
+    largest_chunk = max(multiple * layer_costs.channel_cost, layer_costs.kv_group_cost)
+    assert abs(removed - target) <= largest_chunk / 2, (removed, target)
+    assert plan.extra["removed_ratio"] == pytest.approx(removed / plan.params_before, abs=1e-6)
+    for lp in plan.layers:
+        assert len(lp.keep_channels) % multiple == 0
+        values = scores.mlp[lp.layer_idx]
+        if lp.remove_channels and lp.keep_channels:
+            assert values[list(lp.remove_channels)].max() <= values[list(lp.keep_channels)].min()
+
+
+def test_rounding_goes_both_ways() -> None:
+    """Two blocks of 40 channels (multiple_of 16: chunks of 8, then 16 and 16), only block 0 cheap. A
+    target of 20 is nearer 24 (8 + 16) than 8, and one of 14 nearer 8 than 24: the plan stops at the
+    nearer boundary, past the target or short of it."""
+    costs = _costs(40) * 2
+    ranked = [Candidate(float(i), 0, MLP, i, 1) for i in range(40)]
+    ranked += [Candidate(100.0 + i, 1, MLP, i, 1) for i in range(40)]
+    minimum = {ATTENTION: 0, MLP: 0}
+    assert select_aligned(ranked, costs, 20, set(), minimum, KeptShape(multiple_of=16)) == ranked[:24]
+    assert select_aligned(ranked, costs, 14, set(), minimum, KeptShape(multiple_of=16)) == ranked[:8]
+    assert select_aligned(ranked, costs, 15.9, set(), minimum, KeptShape(multiple_of=16)) == ranked[:8]
+    assert select_aligned(ranked, costs, 16.1, set(), minimum, KeptShape(multiple_of=16)) == ranked[:24]
+
+
+def test_the_ranking_picks_chunks_by_their_mean_value() -> None:
+    """Block 1's first chunk (8 channels) holds its cheapest channel of all, but its mean is above block
+    0's first chunk: block 0's chunk goes first. Protected layers give no chunk."""
+    costs = _costs(40) * 2
+    ranked = sorted(
+        [Candidate(10.0 + i, 0, MLP, i, 1) for i in range(40)]
+        + [Candidate(0.0 if i == 0 else 50.0 + i, 1, MLP, i, 1) for i in range(40)],
+        key=lambda c: c.value,
+    )
+    chosen = select_aligned(ranked, costs, 8, set(), {ATTENTION: 0, MLP: 0}, KeptShape(multiple_of=16))
+    assert {(c.layer_idx, c.index) for c in chosen} == {(0, i) for i in range(8)}
+    chosen = select_aligned(ranked, costs, 8, {0}, {ATTENTION: 0, MLP: 0}, KeptShape(multiple_of=16))
+    assert {c.layer_idx for c in chosen} == {1} and len(chosen) == 8
+
+
+def test_block_chunks_leave_allowed_counts_and_respect_the_minimum() -> None:
+    ranked = _mlp_candidates(40)
+    sizes = [len(c.members) for c in block_chunks(ranked, 40, 16, 0, block_cost=5)]
+    assert sizes == [8, 16, 16]
+    chunks = block_chunks(ranked, 40, 16, 0, block_cost=5)
+    assert [c.cost for c in chunks] == [8, 16, 16 + 5]  # the last one empties the block
+    assert chunks[0].value == pytest.approx(3.5)
+    assert [len(c.members) for c in block_chunks(ranked, 40, 16, 17, 5)] == [8]  # never below 32
+    assert [len(c.members) for c in block_chunks(ranked, 40, 16, 1, 5)] == [8, 16]
+    assert block_chunks(ranked, 40, 16, 33, 5) == []  # 48, the first multiple >= 33, is above 40
+    assert [len(c.members) for c in block_chunks(_mlp_candidates(48), 48, 16, 0, 5)] == [16, 16, 16]
 
 
 def test_uniform_with_multiples_gives_a_stock_shape(model: LlamaForCausalLM) -> None:
@@ -128,8 +178,8 @@ def test_minimum_that_is_no_multiple_is_refused() -> None:
         attention=[torch.full((2,), 1e6) for _ in range(2)],
         mlp=[torch.rand(40, generator=gen) for _ in range(2)],
     )
-    with pytest.raises(UserError, match="minimum"):
-        plan_global(model, scores, 0.3, min_channels=30, shape=KeptShape(multiple_of=16))
+    with pytest.raises(UserError, match=r"minimums.*short of the target"):
+        plan_global(model, scores, 0.06, min_kv_groups=2, min_channels=30, shape=KeptShape(multiple_of=16))
 
 
 def test_bad_multiples_are_rejected() -> None:
@@ -202,7 +252,7 @@ def test_a_layer_the_plan_never_touched_keeps_its_size_even_when_no_multiple() -
     plan = plan_global(model, scores, 0.1, shape=KeptShape(multiple_of=16, heads_multiple_of=2))
     (groups_0, channels_0), layer_1 = kept(plan)
     assert layer_1 == (3, 100)
-    assert groups_0 == 3 and channels_0 % 16 == 0 and kept(free)[0][1] - 16 < channels_0 < kept(free)[0][1]
+    assert groups_0 == 3 and channels_0 % 16 == 0 and abs(channels_0 - kept(free)[0][1]) < 16
 
 
 def _mlp_candidates(channels: int) -> list[Candidate]:
@@ -213,30 +263,27 @@ def _costs(channels: int) -> list[LayerCosts]:
     return [LayerCosts(LayerGeometry(4, 2, 16, channels), kv_group_cost=10, channel_cost=1)]
 
 
-@pytest.mark.parametrize("removed", [5, 7])
-def test_rounding_never_goes_below_a_minimum_one_above_a_multiple(removed: int) -> None:
-    """40 channels, minimum 33, multiple_of 16: the free selection kept 35 (or 33, the minimum) and the
-    next allowed count, 32, is one below the minimum: refused, not silently undercut."""
+def test_rounding_never_goes_below_a_minimum_that_is_no_multiple() -> None:
+    """40 channels, minimum 33, multiple_of 16: the next allowed count at or above 33 is 48, so the
+    block cannot lose anything, and a target only it could reach is refused, not silently undercut."""
     ranked = _mlp_candidates(40)
-    with pytest.raises(UserError, match=r"layer 0 keeps 33 mlp structures, its minimum.*multiple_of=16"):
-        round_per_layer(
-            ranked, ranked[:removed], _costs(40), KeptShape(multiple_of=16), {ATTENTION: 0, MLP: 33}
-        )
+    with pytest.raises(UserError, match=r"multiple_of=16.*short of the target 5"):
+        select_aligned(ranked, _costs(40), 5, set(), {ATTENTION: 1, MLP: 33}, KeptShape(multiple_of=16))
 
 
 def test_rounding_may_reach_a_minimum_that_is_a_multiple() -> None:
     ranked = _mlp_candidates(40)
-    chosen = round_per_layer(
-        ranked, ranked[:5], _costs(40), KeptShape(multiple_of=16), {ATTENTION: 0, MLP: 32}
-    )
-    assert chosen == ranked[:8]  # 35 kept, rounded to 32: the next three lowest-ranked go, no more
+    chosen = select_aligned(ranked, _costs(40), 5, set(), {ATTENTION: 1, MLP: 32}, KeptShape(multiple_of=16))
+    assert chosen == ranked[:8]  # 40 kept, then 32: the eight lowest-ranked go, no more
 
 
-def test_a_plan_whose_minimum_is_one_above_a_multiple_is_refused() -> None:
-    """The same through the planner: layer 0 is cheap enough to lose everything down to min_channels=33."""
+def test_a_plan_whose_minimum_is_no_multiple_keeps_the_next_multiple_above_it() -> None:
+    """Through the planner: layer 0 is cheap, min_channels=17 with multiple_of 16 keeps at least 32."""
     model = _odd_model(intermediate=40, heads=4, kv_heads=2)
-    with pytest.raises(UserError, match="keeps 33 mlp structures, its minimum"):
-        plan_global(model, _cheap_layer_0_mlp(40, 2), 0.03, min_channels=33, shape=KeptShape(multiple_of=16))
+    plan = plan_global(
+        model, _cheap_layer_0_mlp(40, 2), 0.05, min_channels=17, shape=KeptShape(multiple_of=16)
+    )
+    assert len(plan.layers[0].keep_channels) == 32 and len(plan.layers[1].keep_channels) in (40, 32, 16)
 
 
 def test_only_the_default_shape_is_free() -> None:
@@ -247,16 +294,17 @@ def test_only_the_default_shape_is_free() -> None:
 
 
 @pytest.mark.parametrize(("minimum", "refused"), [(0, False), (1, True)])
-def test_rounding_empties_a_block_left_with_one_structure(minimum: int, refused: bool) -> None:
-    """One channel of 40 kept is no multiple of 16; the next allowed count is 0, an emptied block: the
-    last channel goes too when the minimum allows it, and a minimum of 1 is refused, not left standing."""
+def test_rounding_may_empty_a_block_only_when_the_minimum_allows(minimum: int, refused: bool) -> None:
+    """A target of 39 of 40 channels (multiple_of 16): the nearest boundary is the emptied block (40
+    and its own cost), taken when the minimum is 0; with a minimum of 1 the block keeps 16 at least,
+    so 24 is the most it can lose and the target is refused."""
     ranked = _mlp_candidates(40)
-    args = (ranked, ranked[:39], _costs(40), KeptShape(multiple_of=16), {ATTENTION: 0, MLP: minimum})
+    args = (ranked, _costs(40), 39, set(), {ATTENTION: 0, MLP: minimum}, KeptShape(multiple_of=16))
     if refused:
-        with pytest.raises(UserError, match="layer 0 keeps 1 mlp structures, its minimum"):
-            round_per_layer(*args)
+        with pytest.raises(UserError, match="at most 24 parameters can go"):
+            select_aligned(*args)
     else:
-        assert round_per_layer(*args) == ranked
+        assert select_aligned(*args) == ranked
 
 
 def _one_layer_of_two_groups_and_8_channels() -> tuple[list[Candidate], list[LayerCosts]]:

@@ -1,8 +1,10 @@
-"""benchmarks/speed.py on tiny random Llamas: the FLOPs count against a hand computation, and one tiny
-measurement of a dense checkpoint and a pruned copy (transformers, and a stand-in for llama.cpp)."""
+"""benchmarks/speed.py on tiny random Llamas: the FLOPs count against a hand computation, one tiny
+measurement of a dense checkpoint and a pruned copy (transformers, and a stand-in for llama.cpp), and the
+command line's GGUF sets and engines with the table they give (fake timings)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -134,7 +136,7 @@ def test_one_tiny_measurement(checkpoints: tuple[Path, Path]) -> None:
         new_tokens=3,
         runs=1,
         warmup=1,
-        llama=fakes,
+        llama={"llama.cpp": fakes},
         on_row=written.append,
     )
     assert written == rows and len(rows) == 2 * (2 * 2 + 2)  # (batches x models + llama.cpp) per repetition
@@ -164,6 +166,21 @@ def test_one_tiny_measurement(checkpoints: tuple[Path, Path]) -> None:
     lines = speed.table(summary, cost_rows).splitlines()
     assert len(lines) == 2 + len(summary)
     assert lines[3].startswith("| transformers | 1 | tiny_0.3 | ")
+
+
+def test_timed_regions_wait_for_the_device(
+    checkpoints: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU a kernel runs after its launch returns: prefill and generate each wait for the device
+    before and after, and every step's stamp waits too (counted with a stand-in for the CUDA wait)."""
+    measure_module = sys.modules["speed_measure"]
+    assert measure_module.synchronizer("cpu") is measure_module._nothing  # the CPU has nothing queued
+    waits: list[str] = []
+    monkeypatch.setattr(measure_module, "synchronizer", lambda device: lambda: waits.append(device))
+    variant = speed.load_variant("dense", str(checkpoints[0]))
+    assert variant.device == "cpu"
+    row = measure_module.measure_transformers(variant, torch.randint(0, VOCAB, (2, 5)), new_tokens=3)
+    assert waits == ["cpu"] * (2 + 2 + 3) and row["decode_s"] > 0
 
 
 class FakeLlamaModule(ModuleType):
@@ -224,3 +241,183 @@ def test_main_writes_the_report(
         assert "| llama.cpp | 1 | tiny | " in text and "llama-cpp-python 0.0-test" in text
     else:
         assert "llama.cpp: skipped" in text and "| llama.cpp |" not in text
+
+
+# ------------------------------------------------------------------ GGUF sets, engines, report grouping
+
+
+def _parse(*extra: str) -> argparse.Namespace:
+    return speed.parse_args(["--pruned", "r/a/models", "--pruned", "r/b/models", *extra])
+
+
+def _files(tmp_path: Path, *names: str) -> list[str]:
+    for name in names:
+        (tmp_path / name).write_bytes(b"GGUF")
+    return [str(tmp_path / name) for name in names]
+
+
+def test_gguf_sets_labelled_by_type(tmp_path: Path) -> None:
+    """Each type is a set of its own, paired with the models in --pruned order however the types are
+    interleaved on the command line; llama.cpp joins the engines by default."""
+    d16, d8, a16, a8, b16, b8 = _files(tmp_path, "d16", "d8", "a16", "a8", "b16", "b8")
+    args = _parse(
+        *("--gguf-dense", f"f16={d16}", "--gguf-pruned", f"q8_0={a8}", "--gguf-pruned", f"f16={a16}"),
+        *("--gguf-dense", f"q8_0={d8}", "--gguf-pruned", f"f16={b16}", "--gguf-pruned", f"q8_0={b8}"),
+    )
+    assert args.labels == ["a", "b"]
+    assert args.gguf == {
+        "llama.cpp f16": {"dense": d16, "a": a16, "b": b16},
+        "llama.cpp q8_0": {"dense": d8, "a": a8, "b": b8},
+    }
+    assert args.engines == ["transformers", "llama.cpp"]
+
+
+def test_unlabelled_gguf_files_are_one_set(tmp_path: Path) -> None:
+    dense, a, b = _files(tmp_path, "dense=1.gguf", "a.gguf", "b.gguf")  # '=' after a '/': still a path
+    args = _parse("--gguf-dense", dense, "--gguf-pruned", a, "--gguf-pruned", b)
+    assert args.gguf == {"llama.cpp": {"dense": dense, "a": a, "b": b}}
+    assert _parse("--gguf-pruned", a, "--gguf-pruned", b).gguf == {"llama.cpp": {"a": a, "b": b}}
+    assert _parse().gguf == {} and _parse().engines == ["transformers"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gguf-dense", "f16=d", "--gguf-pruned", "a", "--gguf-pruned", "b"], "label every GGUF file"),
+        (["--gguf-dense", "d", "--gguf-dense", "e"], "more than once without TYPE="),
+        (["--gguf-dense", "d", "--gguf-pruned", "a"], "give one per --pruned"),
+        (["--gguf-pruned", "q8_0=a", "--gguf-pruned", "q8_0=b"], r"--gguf-dense q8_0=FILE: .*got none"),
+        (
+            [
+                "--gguf-dense",
+                "f16=d",
+                "--gguf-dense",
+                "f16=e",
+                "--gguf-pruned",
+                "f16=a",
+                "--gguf-pruned",
+                "f16=b",
+            ],
+            r"--gguf-dense f16=FILE: give exactly one \(got 2 files\)",
+        ),
+        (
+            [
+                "--gguf-dense",
+                "f16=d",
+                "--gguf-dense",
+                "q8_0=e",
+                "--gguf-pruned",
+                "f16=a",
+                "--gguf-pruned",
+                "f16=b",
+            ],
+            "--gguf-pruned q8_0=FILE: got 0 for 2 --pruned",
+        ),
+        (["--gguf-dense", "f16="], "--gguf-dense f16=: no file after"),
+        (["--gguf-dense", "missing.gguf"], "GGUF file missing.gguf does not exist"),
+    ],
+)
+def test_a_bad_gguf_pairing_is_one_line(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        _parse(*argv)
+
+
+def test_engines_and_device(tmp_path: Path) -> None:
+    dense, a, b = _files(tmp_path, "d", "a", "b")
+    gguf = ("--gguf-dense", dense, "--gguf-pruned", a, "--gguf-pruned", b)
+    assert _parse(*gguf, "--engines", "llama.cpp").engines == ["llama.cpp"]
+    assert _parse(*gguf, "--engines", " llama.cpp, transformers").engines == ["llama.cpp", "transformers"]
+    args = _parse("--engines", "transformers", "--device", "cuda:1", "--batch-sizes", "1,8,32")
+    assert (args.engines, args.device, args.batch_sizes) == (["transformers"], "cuda:1", [1, 8, 32])
+    bad = [
+        (("--engines", "vllm"), "choose from transformers, llama.cpp"),
+        (("--engines", ","), "choose from"),
+        (("--engines", "llama.cpp"), "give its GGUF files"),
+        ((*gguf, "--engines", "transformers"), "llama.cpp is not among the engines"),
+        ((*gguf, "--engines", "llama.cpp", "--device", "cuda"), "which --engines llama.cpp leaves out"),
+        (("--device", "gpu"), "expected cpu, cuda or cuda:N"),
+        (("--batch-sizes", "1,x"), "comma list of integers"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            _parse(*argv)
+
+
+def _rows(engine: str, model: str, prefill: list[float], decode: list[float]) -> list[dict]:
+    return [
+        {"engine": engine, "batch": 1, "model": model, "warmup": False, "prefill_tok_s": p, "decode_tok_s": d}
+        for p, d in zip(prefill, decode, strict=True)
+    ]
+
+
+def test_each_gguf_type_has_its_own_dense() -> None:
+    """Interleaved rows of two llama.cpp types: each pruned median over its own type's dense median."""
+    rows = [
+        {
+            "engine": "llama.cpp f16",
+            "batch": 1,
+            "model": "dense",
+            "warmup": True,
+            "prefill_tok_s": 1e9,
+            "decode_tok_s": 1e9,
+        },  # fmt: skip
+        *_rows("llama.cpp f16", "dense", [100, 110, 90], [50, 40, 60]),
+        *_rows("llama.cpp f16", "tiny", [150, 120, 130], [60, 70, 80]),
+        *_rows("llama.cpp q8_0", "dense", [200, 200, 200], [100, 100, 100]),
+        *_rows("llama.cpp q8_0", "tiny", [300, 250, 260], [125, 125, 125]),
+    ]
+    summary = speed.summarize(rows)
+    got = {
+        (e["engine"], e["model"]): (e["runs"], e["prefill"]["x_dense"], e["decode"]["x_dense"])
+        for e in summary
+    }
+    assert got == {
+        ("llama.cpp f16", "dense"): (3, 1, 1),
+        ("llama.cpp f16", "tiny"): (3, 1.3, 1.4),
+        ("llama.cpp q8_0", "dense"): (3, 1, 1),
+        ("llama.cpp q8_0", "tiny"): (3, 1.3, 1.25),
+    }
+    cost_rows = [
+        {"model": m, "params_removed": r, "prefill_flops_per_token": f, "decode_flops_per_token": f}
+        for m, r, f in (("dense", 0.0, 100.0), ("tiny", 0.2, 80.0))
+    ]
+    lines = speed.table(summary, cost_rows).splitlines()[2:]
+    assert [line.split(" | ")[:3] for line in lines] == [
+        ["| llama.cpp f16", "1", "dense"],
+        ["| llama.cpp f16", "1", "tiny"],
+        ["| llama.cpp q8_0", "1", "dense"],
+        ["| llama.cpp q8_0", "1", "tiny"],
+    ]
+    assert lines[1].split(" | ")[4:7] == ["130 (120-150)", "1.30", "1.25"]
+    assert lines[3].split(" | ")[4:7] == ["260 (250-300)", "1.30", "1.25"]
+
+
+def test_main_times_two_gguf_types_without_transformers(
+    checkpoints: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--engines llama.cpp with an f16 and a q8_0 set: every repetition runs both types' models in turn,
+    and the report names both engines and no transformers row."""
+    dense_dir, pruned_dir = checkpoints
+    d16, d8, t16, t8 = _files(tmp_path, "d16", "d8", "t16", "t8")
+    fake = FakeLlamaModule()
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    out = tmp_path / "speed.md"
+    argv = _argv(dense_dir, pruned_dir, out) + [
+        *("--engines", "llama.cpp", "--gguf-dense", f"f16={d16}", "--gguf-dense", f"q8_0={d8}"),
+        *("--gguf-pruned", f"f16={t16}", "--gguf-pruned", f"q8_0={t8}"),
+    ]
+    assert speed.main(argv) == 0
+    assert [path for path, _ in fake.opened] == [d16, t16, d8, t8]
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    order = [(r["rep"], r["engine"], r["model"]) for r in rows]
+    assert order == [
+        (rep, engine, model)
+        for rep in (0, 1)
+        for engine in ("llama.cpp f16", "llama.cpp q8_0")
+        for model in ("dense", "tiny")
+    ]
+    text = out.read_text()
+    assert "| llama.cpp f16 | 1 | tiny | " in text and "| llama.cpp q8_0 | 1 | dense | " in text
+    assert "| transformers |" not in text and "(llama.cpp f16, llama.cpp q8_0: one GGUF set each)" in text
+    meta = json.loads(out.with_suffix(".meta.json").read_text())
+    assert meta["engines"] == ["llama.cpp"] and meta["gguf"]["llama.cpp q8_0"] == {"dense": d8, "tiny": t8}

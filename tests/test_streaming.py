@@ -63,7 +63,7 @@ def _run(directory: Path, out: Path, dtype: torch.dtype, criterion: str, **model
         model, store = _placed(directory, dtype, **model_config)
     else:
         model, store = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval(), None
-    options = {"store": store} | ({"batch_size": 3} if criterion == "activation" else {})
+    options = {"store": store} | ({"batch_size": 3} if criterion in ("activation", "obs_fisher") else {})
     scores = get_criterion(criterion, **options).score(model, input_ids(batch=5, length=12, seed=7))
     plan = plan_global(model, scores, 0.3)
     streamed = any(p.is_meta for p in model.parameters())
@@ -86,6 +86,16 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path: Path, arch: str) -> Non
     source = _source(tmp_path, arch)
     in_memory = _run(source, tmp_path / "memory", torch.float32, "activation")
     streamed = _run(source, tmp_path / "streamed", torch.float32, "activation", streaming="always")
+    _assert_same(in_memory, streamed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_streamed_obs_fisher_run_equals_the_in_memory_run(tmp_path: Path, arch: str) -> None:
+    """The loss-aware criterion streams too: its Fisher backward runs layer by layer in reverse,
+    reading each layer's weights again, and gives the in-memory scores, plan and tensors exactly."""
+    source = _source(tmp_path, arch)
+    in_memory = _run(source, tmp_path / "memory", torch.float32, "obs_fisher")
+    streamed = _run(source, tmp_path / "streamed", torch.float32, "obs_fisher", streaming="always")
     _assert_same(in_memory, streamed)
 
 
@@ -154,8 +164,8 @@ def test_a_streamed_model_refuses_what_needs_it_whole(tmp_path: Path) -> None:
     windows = input_ids(batch=2, length=8)
     with pytest.raises(UserError, match="taylor needs a backward"):
         get_criterion("taylor").score(model, windows)
-    with pytest.raises(UserError, match="obs_fisher needs a backward"):
-        get_criterion("obs_fisher").score(model, windows)
+    with pytest.raises(UserError, match="whole_model needs every weight"):
+        get_criterion("obs_fisher", engine="whole_model", store=store).score(model, windows)
     with pytest.raises(UserError, match="whole_model needs every weight"):
         get_criterion("activation", engine="whole_model", store=store).score(model, windows)
 

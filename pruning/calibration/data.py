@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pruning.calibration.token_cache import cached_ids
 from pruning.errors import UserError
 from pruning.storage.fs import MAX_TEXT_BYTES, read_text_file_bounded
 
@@ -101,9 +102,9 @@ def text_problem(text: str, tokens_needed: int) -> str | None:
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.LongTensor:
-    """Token ids of ``text`` without special tokens (no BOS in the middle of the stream), as a 1-D tensor."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return torch.as_tensor(ids, dtype=torch.long)
+    """Token ids of ``text`` without special tokens (no BOS in the middle of the stream), as a 1-D tensor;
+    a long text's ids come from the token cache after its first use (``pruning.calibration.token_cache``)."""
+    return cached_ids(tokenizer, text)
 
 
 def calibration_windows(

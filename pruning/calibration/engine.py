@@ -35,12 +35,22 @@ ENGINES = ("layerwise", "whole_model")
 Handle = torch.utils.hooks.RemovableHandle
 
 
-# Runs the layer, as it is now, on every batch of its cached inputs with the observers watching, and
-# leaves the cached inputs as they were: how a change measures the layer before and after it acts.
-LayerReplay = Callable[[Sequence["LayerObserver"]], None]
+class LayerReplay(Protocol):
+    """Runs the layer, as it is now, on every batch of its cached inputs with the observers watching,
+    and leaves the cached inputs as they were: how a change measures the layer before and after it
+    acts. With ``until``, each batch stops as that submodule is about to compute (after the observers'
+    hooks on its input have run): what the observers need, without the rest of the layer."""
+
+    def __call__(self, observers: Sequence[LayerObserver], until: nn.Module | None = None) -> None: ...
+
+
+# Per submodule of a layer, its output for each batch, in order: what the layer's next run may take
+# instead of computing it (a change that already computed them with the changed weights saves the work).
+KnownOutputs = dict[nn.Module, list[torch.Tensor]]
 # Called with (layer index, layer, replay) just before the layer computes, in a layerwise pass: it may
 # change the layer (prune it, refit it), and the next layer then receives what the changed layer outputs.
-LayerChange = Callable[[int, nn.Module, LayerReplay], None]
+# It may return the outputs of some submodules, which that run then takes instead of computing them.
+LayerChange = Callable[[int, nn.Module, LayerReplay], KnownOutputs | None]
 
 
 class LayerObserver(Protocol):
@@ -131,6 +141,14 @@ class _StopForward(Exception):
     """Raised by the last recorder: nothing after the decoder layers needs to run."""
 
 
+class _StopLayer(Exception):
+    """Raised at a replay's ``until`` module: the rest of the layer need not run."""
+
+
+def _stop_layer(module: nn.Module, args: Any) -> None:
+    raise _StopLayer
+
+
 def batches(windows: torch.LongTensor | None, batch_size: int) -> list[torch.LongTensor]:
     """Calibration windows split into batches (the last one may be smaller)."""
     if windows is None or windows.dim() != 2 or windows.shape[0] == 0:
@@ -141,7 +159,7 @@ def batches(windows: torch.LongTensor | None, batch_size: int) -> list[torch.Lon
 
 
 @contextlib.contextmanager
-def _forwards_replaced(layers: Sequence[nn.Module], forwards: Sequence[Callable[..., Any]]) -> Iterator[None]:
+def forwards_replaced(layers: Sequence[nn.Module], forwards: Sequence[Callable[..., Any]]) -> Iterator[None]:
     """Each layer's forward replaced; an instance-level forward (accelerate's device hooks put one
     there) is put back afterwards."""
     own_forward = [vars(layer).get("forward") for layer in layers]
@@ -183,7 +201,7 @@ def capture_layer_inputs(model: nn.Module, windows: torch.LongTensor, batch_size
         return forward
 
     device = model.get_input_embeddings().weight.device  # a streamed model's other weights are meta
-    with _forwards_replaced(layers, [recorder(idx) for idx in range(num_layers)]):
+    with forwards_replaced(layers, [recorder(idx) for idx in range(num_layers)]):
         for batch in batches(windows, batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
@@ -217,45 +235,21 @@ def run_layerwise(
         try:
             if change is not None:
 
-                def replay(observers: Sequence[LayerObserver], idx: int = idx, device=device) -> None:
-                    _watch_layer(idx, layers[idx], device, inputs, observers, keep_inputs=True)
+                def replay(
+                    observers: Sequence[LayerObserver],
+                    until: nn.Module | None = None,
+                    idx: int = idx,
+                    device: torch.device = device,
+                ) -> None:
+                    _watch_layer(idx, layers[idx], device, inputs, observers, keep_inputs=True, until=until)
 
-                change(idx, layers[idx], replay)
-            _run_layer(idx, layers[idx], device, inputs, observers, park)  # ``change`` may replace it
+                known = change(idx, layers[idx], replay)
+            else:
+                known = None
+            _run_layer(idx, layers[idx], device, inputs, observers, park, known)  # ``change`` may replace it
         finally:
             store.unload(idx, layers[idx])
     return inputs.hidden
-
-
-@torch.no_grad()
-def layerwise_logits(
-    model: nn.Module, windows: torch.LongTensor, batch_size: int, store: LayerStore | None = None
-) -> Iterator[tuple[torch.LongTensor, torch.Tensor]]:
-    """(batch, logits) for every batch, computed layer by layer (one layer's weights at a time when
-    ``store`` streams them): the model's own forward then turns the last layer's outputs into logits,
-    with every decoder layer's forward replaced (the last one hands back its cached outputs), so the
-    final norm, head and any logit soft-capping are the family's own code. The logits equal a
-    whole-model forward's."""
-    store = store or ResidentLayers()
-    was_training = model.training
-    model.eval()
-    try:
-        final = run_layerwise(model, windows, batch_size, [], store=store)
-        layers = adapter_for(model.config).decoder_layers(model)
-
-        def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return hidden_states
-
-        def replay(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return final.pop(0).to(hidden_states.device)
-
-        forwards = [passthrough] * (len(layers) - 1) + [replay]
-        with store.outside_layers(head=True), _forwards_replaced(layers, forwards):
-            device = model.get_input_embeddings().weight.device
-            for batch in batches(windows, batch_size):
-                yield batch, model(input_ids=batch.to(device), use_cache=False).logits
-    finally:
-        model.train(was_training)
 
 
 def _run_layer(
@@ -265,9 +259,18 @@ def _run_layer(
     inputs: LayerInputs,
     observers: Sequence[LayerObserver],
     park: torch.device | None,
+    known: KnownOutputs | None = None,
 ) -> None:
-    """One layer on every batch of its cached inputs, watched; its outputs replace them."""
-    _watch_layer(idx, layer, device, inputs, observers, keep_inputs=False, park=park)
+    """One layer on every batch of its cached inputs, watched; its outputs replace them. Submodules
+    whose outputs are ``known`` hand those back instead of computing (only when nothing watches the
+    layer: an observer's hooks inside such a submodule would not fire)."""
+    if known and not observers:
+        batch_outputs = [iter(outputs) for outputs in known.values()]
+        forwards = [lambda *args, outputs=it, **kwargs: next(outputs) for it in batch_outputs]
+        with forwards_replaced(list(known), forwards):
+            _watch_layer(idx, layer, device, inputs, observers, keep_inputs=False, park=park)
+    else:
+        _watch_layer(idx, layer, device, inputs, observers, keep_inputs=False, park=park)
     inputs.args[idx], inputs.kwargs[idx] = [], []  # this layer's masks and tables are no longer needed
 
 
@@ -279,16 +282,25 @@ def _watch_layer(
     observers: Sequence[LayerObserver],
     keep_inputs: bool,
     park: torch.device | None = None,
+    until: nn.Module | None = None,
 ) -> None:
     """One layer on every batch of its cached inputs, watched; its outputs replace the inputs unless
-    ``keep_inputs``. The observers hear ``layer_done`` at the end."""
+    ``keep_inputs``. ``until`` (only with ``keep_inputs``): each batch stops at that submodule's input
+    (``LayerReplay``). The observers hear ``layer_done`` at the end."""
+    if until is not None and not keep_inputs:
+        raise ValueError("a layer stopped part-way has no outputs to pass on")
     handles: list[Handle] = []
     try:
         for observer in observers:
             handles += observer.watch(idx, layer)
+        if until is not None:  # registered after the observers', so their hooks see the input first
+            handles.append(until.register_forward_pre_hook(_stop_layer))
         for b, hidden in enumerate(inputs.hidden):
             args, kwargs = to_device((inputs.args[idx][b], inputs.kwargs[idx][b]), device)
-            out = layer(hidden.to(device), *args, **kwargs)
+            try:
+                out = layer(hidden.to(device), *args, **kwargs)
+            except _StopLayer:
+                continue
             if not keep_inputs:
                 out = out[0] if isinstance(out, tuple) else out
                 inputs.hidden[b] = out if park is None else out.to(park)
@@ -329,19 +341,6 @@ def run_whole_model(
     for idx, layer in enumerate(layers):
         for observer in observers:
             observer.layer_done(idx, layer)
-
-
-def accumulate_gradients(model: nn.Module, windows: torch.LongTensor, batch_size: int) -> None:
-    """Gradients of the mean causal-LM loss over all windows, in ``.grad`` of the parameters that
-    require them: a whole-model backward per batch (the loss is global, so this cannot go layer by layer)."""
-    device = input_device(model)
-    parts = batches(windows, batch_size)
-    total = windows.shape[0]
-    with torch.enable_grad():
-        for batch in tqdm(parts, desc="taylor gradients", unit="batch"):
-            batch = batch.to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            (loss * (batch.shape[0] / total)).backward()
 
 
 def calibrate(

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning.calibration.data import source_text, tokenize
-from pruning.calibration.engine import batches, input_device, layerwise_logits
+from pruning.calibration.engine import batches, input_device
+from pruning.calibration.layer_head import layerwise_logits
 from pruning.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from pruning.errors import UserError
 from pruning.families import OwnedSlice
 
 REFRESH = 32  # steps between exact recomputations of the refit weights and H^-1
+STEPS = 128  # updates of H^-1 per block: compensation.obs_steps' default
 
 
 def greedy_removal(
@@ -36,7 +37,7 @@ def greedy_removal(
     blocks: torch.Tensor,
     ridge: float,
     limit: int | None = None,
-    steps: int = 128,
+    steps: int = STEPS,
 ) -> tuple[list[int], torch.Tensor]:
     """Remove structures (``blocks``: [structures, width] column indices of ``weight``) greedily, cheapest
     refit error first, until ``limit`` are gone (all by default).
@@ -51,6 +52,7 @@ def greedy_removal(
     h = h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     original = weight.detach().to(h.device, torch.float64)
     idx = blocks.to(h.device)
+    local = torch.empty_like(idx)  # each kept structure's columns in the compact state
     alive = torch.ones(count, dtype=torch.bool, device=h.device)
     charge = torch.zeros(count, dtype=torch.float64)
     order: list[int] = []
@@ -60,9 +62,10 @@ def greedy_removal(
         if len(order) >= limit:
             break
         alive_ids = torch.nonzero(alive).flatten()
-        if step % REFRESH == 0:  # bound the drift of repeated downdates
+        if step % REFRESH == 0:  # bound the drift of repeated downdates; shrink to the kept columns
             w, h_inv = _exact_state(original, h, idx[alive_ids].flatten())
-        cols = idx[alive_ids]  # [alive, width]
+            local[alive_ids] = torch.arange(len(alive_ids) * width, device=h.device).view(-1, width)
+        cols = local[alive_ids]  # [alive, width]
         h_ss = h_inv[cols[:, :, None], cols[:, None, :]]
         w_s = w[:, cols].permute(1, 0, 2)  # [alive, out, width]
         single = block_errors(w_s, h_ss)
@@ -73,7 +76,7 @@ def greedy_removal(
             )
         pick = torch.argsort(single)[: min(chunk, limit - len(order))]
         chosen = alive_ids[pick]
-        joint = _remove(w, h_inv, idx[chosen].flatten())
+        joint = _remove(w, h_inv, local[chosen].flatten())
         shares = single[pick] * (joint / max(float(single[pick].sum()), 1e-300))
         for structure, cost in zip(chosen.tolist(), shares.tolist(), strict=True):
             level = max(level, cost)
@@ -104,14 +107,11 @@ def block_errors(w_s: torch.Tensor, h_ss: torch.Tensor) -> torch.Tensor:
 def _exact_state(
     weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weights refit onto the ``kept`` columns and ``H^-1`` restricted to them (the removed rows and
-    columns zero, their diagonal one), computed afresh: what the downdates track."""
+    """The weights refit onto the ``kept`` columns ([out, kept]) and ``H^-1`` of the kept columns
+    ([kept, kept]), computed afresh: what the downdates track. Only the kept columns are carried, so
+    each refresh makes the state, and every step after it, cheaper as the block empties."""
     h_kk_inv = torch.cholesky_inverse(torch.linalg.cholesky(h[kept[:, None], kept[None, :]]))
-    h_inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    h_inv[kept[:, None], kept[None, :]] = h_kk_inv
-    w = torch.zeros_like(weight)
-    w[:, kept] = weight @ h[:, kept] @ h_kk_inv
-    return w, h_inv
+    return weight @ h[:, kept] @ h_kk_inv, h_kk_inv
 
 
 def _remove(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> float:

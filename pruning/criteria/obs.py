@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
 
-from pruning.compensation.obs import greedy_removal
+from pruning.compensation.obs import STEPS, greedy_removal
 from pruning.criteria.refit_error import Errors, RefitErrorCriterion
 
 
 def greedy_errors(
-    weight: torch.Tensor, second_moment: torch.Tensor, blocks: torch.Tensor, ridge: float
+    weight: torch.Tensor, second_moment: torch.Tensor, blocks: torch.Tensor, ridge: float, steps: int = STEPS
 ) -> torch.Tensor:
-    """Per block of columns, the error its removal added when all were removed greedily
-    (``pruning.compensation.obs.greedy_removal``)."""
-    return greedy_removal(weight, second_moment, blocks, ridge)[1]
+    """Per block of columns, the error its removal added when all were removed greedily in ``steps``
+    chunks (``pruning.compensation.obs.greedy_removal``)."""
+    return greedy_removal(weight, second_moment, blocks, ridge, steps=steps)[1]
 
 
 @dataclass
@@ -26,4 +27,7 @@ class ObsCriterion(RefitErrorCriterion):
     each alone."""
 
     name: ClassVar[str] = "obs"
-    errors: ClassVar[Errors] = staticmethod(greedy_errors)
+    obs_steps: int = STEPS
+
+    def error_function(self) -> Errors:
+        return partial(greedy_errors, steps=self.obs_steps)

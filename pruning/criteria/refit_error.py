@@ -130,9 +130,12 @@ class RefitErrorCriterion(Criterion):
     engine: str = "layerwise"
     store: LayerStore | None = None
     ridge: float = 1e-3
-    errors: ClassVar[Errors] = staticmethod(removal_errors)
+
+    def error_function(self) -> Errors:
+        """(weight, second moment, blocks, ridge) -> one error per block: what this criterion charges."""
+        return removal_errors
 
     def score(self, model: nn.Module, windows: torch.LongTensor | None) -> StructureScores:
-        observer = RefitErrorObserver(model, self.ridge, self.errors)
+        observer = RefitErrorObserver(model, self.ridge, self.error_function())
         calibrate(model, windows, self.batch_size, [observer], self.engine, self.store)
         return observer.scores()

@@ -39,11 +39,13 @@ CONFIG_OPTIONS = (
     "calibration.batch_size",
     "calibration.engine",
     "calibration.gradient_checkpointing",
+    "calibration.fisher_samples",
     "compensation.ridge",
+    "compensation.obs_steps",
 )
 # Of those, the switches that do something only for a criterion that takes them: set for any other, the
 # config is refused rather than silently ignored.
-SWITCHES = ("calibration.gradient_checkpointing",)
+SWITCHES = ("calibration.gradient_checkpointing", "calibration.fisher_samples")
 
 
 class CriterionRegistry:

@@ -7,12 +7,26 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from pruning.calibration.engine import accumulate_gradients
+from pruning.calibration.engine import batches, input_device
 from pruning.criteria.base import Criterion, Importance, owned_linears, score_layers
 from pruning.errors import UserError
 from pruning.families import OwnedSlice, adapter_for
 from pruning.planning.scores import StructureScores
+
+
+def accumulate_gradients(model: nn.Module, windows: torch.LongTensor, batch_size: int) -> None:
+    """Gradients of the mean causal-LM loss over all windows, in ``.grad`` of the parameters that
+    require them: a whole-model backward per batch (the loss is global, so this cannot go layer by layer)."""
+    device = input_device(model)
+    parts = batches(windows, batch_size)
+    total = windows.shape[0]
+    with torch.enable_grad():
+        for batch in tqdm(parts, desc="taylor gradients", unit="batch"):
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            (loss * (batch.shape[0] / total)).backward()
 
 
 @dataclass

@@ -32,7 +32,10 @@ def prune_heading(config: PipelineConfig, streamed: bool) -> str:
     """The stage's heading in the log: what the pass will do."""
     heading = "Remove the planned structures" + (", layer by layer, writing each layer" if streamed else "")
     if config.compensation.method == "refit":
-        heading += f", refitting each block's output projections (ridge {config.compensation.ridge:g})"
+        heading += (
+            f", refitting each block's output projections on the {config.compensation.inputs} model's "
+            f"activations (ridge {config.compensation.ridge:g})"
+        )
         if config.compensation.selection == OBS_SELECTION:
             heading += ", each block's removals re-chosen by greedy OBS"
     return heading
@@ -50,7 +53,16 @@ def prune(
     def pruning_pass(layers: LayerStore, done: Callable[[nn.Module], None] | None = None) -> None:
         comp, batch_size = config.compensation, config.calibration.batch_size
         context.plan = prune_with_refit(
-            context.model, context.plan, windows, batch_size, comp.ridge, layers, done, comp.selection
+            context.model,
+            context.plan,
+            windows,
+            batch_size,
+            comp.ridge,
+            layers,
+            done,
+            comp.selection,
+            comp.obs_steps,
+            comp.inputs,
         )
 
     if streamed:

@@ -31,7 +31,7 @@ from pruning.errors import UserError
 from pruning.families import ATTENTION, MLP, adapter_for
 from pruning.families.base import LayerCosts
 from pruning.planning.plan import LayerPlan, PruningPlan
-from pruning.planning.rounding import KeptShape, round_per_layer, select_uniform
+from pruning.planning.rounding import KeptShape, select_aligned, select_uniform
 from pruning.planning.scores import StructureScores
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ def plan_global(
     """Plan removal of ``ratio`` of the model's parameters (``ratio_of`` "total") or of its decoder layers'.
 
     ``shape`` asks for the same sizes in every layer or for kept counts in multiples
-    (``pruning.planning.rounding``); rounding removes more, never less, than the target.
+    (``pruning.planning.rounding``): multiples land within half a chunk of the target, on either side;
+    ``uniform`` removes more, never less.
 
     ``params_before`` / ``params_target`` / ``params_planned`` are model sizes: now, wanted, and what
     applying this plan gives (at most one structure below the target size, unless ``shape`` rounds).
@@ -205,8 +206,8 @@ def plan_global(
         )
     elif not shape.is_free:
         minimum = {ATTENTION: min_kv_groups, MLP: min_channels}
-        removed = round_per_layer(ranked, removed, costs, shape, minimum)
-    plan = _build_plan(costs, removed, criterion, params_before, round(target), ratio, ratio_of)
+        removed = select_aligned(ranked, costs, target, protected, minimum, shape)
+    plan = _build_plan(costs, removed, criterion, params_before, denominator, ratio, ratio_of)
     if shape.is_free:
         return plan
     extra = {**plan.extra, "shape": asdict(shape)}
@@ -235,10 +236,11 @@ def _build_plan(
     removed: Sequence[Candidate],
     criterion: str,
     params_before: int,
-    target: int,
+    denominator: int,
     ratio: float,
     ratio_of: str,
 ) -> PruningPlan:
+    target = round(ratio * denominator)
     groups: dict[int, list[int]] = {i: [] for i in range(len(costs))}
     channels: dict[int, list[int]] = {i: [] for i in range(len(costs))}
     for cand in removed:
@@ -263,29 +265,34 @@ def _build_plan(
         "ratio": ratio,
         "ratio_of": ratio_of,
         "params_removed": removed_params,
+        "removed_ratio": round(removed_params / denominator, 6),
         "removed_kv_groups": sum(len(g) for g in groups.values()),
         "removed_channels": sum(len(c) for c in channels.values()),
         "attention_blocks_removed": [lp.layer_idx for lp in layer_plans if lp.attention_removed],
         "mlp_blocks_removed": [lp.layer_idx for lp in layer_plans if lp.mlp_removed],
     }
     logger.info(
-        "plan: remove %d KV groups and %d MLP channels, %s of %s parameters (target %s); blocks emptied: "
-        "attention %s, mlp %s",
+        "plan: remove %d KV groups and %d MLP channels, %s of %s parameters, %.2f%% of %s (target %s, "
+        "%.2f%%); blocks emptied: attention %s, mlp %s",
         extra["removed_kv_groups"],
         extra["removed_channels"],
         f"{removed_params:,}",
         f"{params_before:,}",
+        100 * extra["removed_ratio"],
+        ratio_of,
         f"{target:,}",
+        100 * ratio,
         extra["attention_blocks_removed"],
         extra["mlp_blocks_removed"],
     )
-    overshoot = removed_params - target
-    if overshoot > 0.5 * target and overshoot > 0.01 * params_before:  # rounding, not a structure or two
+    miss = removed_params - target
+    if abs(miss) > 0.25 * target and abs(miss) > 0.01 * params_before:  # rounding, not a structure or two
         logger.warning(
-            "plan: removes %s parameters, %.0f%% more than the target %s: the kept shapes the config asks "
-            "for (multiple_of, heads_multiple_of, uniform) round each pruned layer down that far",
+            "plan: removes %s parameters, %.0f%% %s than the target %s: the kept shapes the config asks "
+            "for (multiple_of, heads_multiple_of, uniform) make chunks that coarse",
             f"{removed_params:,}",
-            100 * overshoot / max(target, 1),
+            100 * abs(miss) / max(target, 1),
+            "more" if miss > 0 else "less",
             f"{target:,}",
         )
     return PruningPlan(

@@ -7,14 +7,17 @@ layer, so the checkpoint has a stock config that stock transformers, vLLM and ll
 load unchanged; ``multiple_of`` / ``heads_multiple_of`` round kept channels and kept query heads down to
 multiples GPU kernels like.
 
-The global ranking still decides: how much each kind loses (the non-uniform selection's share of
-attention and MLP, spread evenly) and which structures each layer loses (its lowest-ranked ones).
-Rounding only ever removes more, so the target is always reached; the plan's log line gives what was
-removed next to the target.
+The global ranking still decides. With ``multiple_of`` / ``heads_multiple_of`` alone it ranks chunks
+instead of single structures (``select_aligned``): each block's structures, cheapest first, cut so that
+every chunk leaves an allowed count, the cheapest chunk of any block next, and the plan stops at the
+chunk boundary nearer the target (before or after it), so the ratio is kept to within half a chunk.
+With ``uniform``, the non-uniform selection's share of attention and MLP, spread evenly, sets the
+sizes, and each layer loses its lowest-ranked structures; rounding there only removes more.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -55,42 +58,88 @@ class KeptShape:
         return (kept * group_size) % self.heads_multiple_of == 0
 
 
-def round_per_layer(
-    ranked: Sequence,
-    removed: Sequence,
-    costs: Sequence[LayerCosts],
-    shape: KeptShape,
-    minimum: dict[str, int],
-) -> list:
-    """Remove each pruned layer's next lowest-ranked structures until its kept counts are allowed.
+def step_of(shape: KeptShape, kind: str, group_size: int) -> int:
+    """Structures per chunk: kept counts must be multiples of it (a KV group has ``group_size`` query
+    heads, so kept query heads in multiples of ``heads_multiple_of`` means kept groups in multiples of
+    ``heads_multiple_of / gcd(heads_multiple_of, group_size)``)."""
+    if kind == MLP:
+        return shape.multiple_of
+    return shape.heads_multiple_of // math.gcd(shape.heads_multiple_of, group_size)
 
-    ``ranked``/``removed`` are ``pruning.planning.planner.Candidate`` lists; the result keeps ranked order. A
-    layer the selection did not touch keeps its size; one that would have to go below its minimum to
-    reach an allowed count is refused.
-    """
-    taken = {(c.layer_idx, c.kind, c.index) for c in removed}
-    kept = _kept_counts(costs, removed)
-    extra = []
+
+@dataclass(frozen=True)
+class Chunk:
+    """Structures of one block that go together, so that what the block keeps stays an allowed count."""
+
+    value: float  # the mean normalised value of its structures
+    cost: int  # their parameters, with the block's own when the chunk empties it
+    members: tuple[tuple[int, str, int], ...]  # (layer, kind, index) of each
+
+
+def block_chunks(ranked_block: Sequence, size: int, step: int, minimum: int, block_cost: int) -> list[Chunk]:
+    """One block's chunks, cheapest first: its ranked structures cut so that after each chunk the kept
+    count is a multiple of ``step`` (the first chunk takes the remainder ``size % step``), never below
+    ``minimum`` rounded up to a multiple; a chunk that empties the block carries its own cost too."""
+    floor = math.ceil(minimum / step) * step
+    sizes = ([size % step] if size % step else []) + [step] * (size // step)
+    chunks: list[Chunk] = []
+    kept, start = size, 0
+    for n in sizes:
+        if kept - n < floor:
+            break
+        members = ranked_block[start : start + n]
+        start, kept = start + n, kept - n
+        cost = sum(c.cost for c in members) + (block_cost if kept == 0 else 0)
+        value = sum(c.value for c in members) / n
+        chunks.append(Chunk(value, cost, tuple((c.layer_idx, c.kind, c.index) for c in members)))
+    return chunks
+
+
+def select_aligned(
+    ranked: Sequence,
+    costs: Sequence[LayerCosts],
+    target: float,
+    protected: set[int],
+    minimum: dict[str, int],
+    shape: KeptShape,
+) -> list:
+    """The global ranking, by chunks: every block's structures cut into chunks that keep allowed counts
+    (``block_chunks``), then the cheapest chunk of any block (by its structures' mean value) taken
+    next, until the removed parameters reach the target. The plan then stops at whichever chunk
+    boundary is nearer the target, just before or just after it: rounding goes both ways and the ranking
+    decides where, so a 20% target removes 20% to within half a chunk. A block the ranking never
+    reaches keeps its size, allowed or not.
+
+    ``ranked`` are ``pruning.planning.planner.Candidate``s, least valuable first; so is the result."""
+    per_block: dict[tuple[int, str], list] = {}
     for cand in ranked:
-        key = (cand.layer_idx, cand.kind)
-        if (
-            (cand.layer_idx, cand.kind, cand.index) in taken
-            or kept[key] == 0
-            or _allowed(shape, costs, key, kept)
-        ):
-            continue
-        # Only layers already pruned get rounded: an untouched (or protected) layer keeps its size.
-        if kept[key] == _size(costs, key):
-            continue
-        if kept[key] <= minimum[cand.kind]:
+        if cand.layer_idx not in protected:
+            per_block.setdefault((cand.layer_idx, cand.kind), []).append(cand)
+    chunks: dict[tuple[int, str], list[Chunk]] = {}
+    for (layer, kind), block in per_block.items():
+        lc = costs[layer]
+        size = lc.num_kv_groups if kind == ATTENTION else lc.num_channels
+        step = step_of(shape, kind, lc.geometry.group_size)
+        chunks[(layer, kind)] = block_chunks(block, size, step, minimum[kind], lc.block_cost(kind))
+    heap = [(found[0].value, key, 0) for key, found in chunks.items() if found]
+    heapq.heapify(heap)
+    taken: list[Chunk] = []
+    before = total = 0
+    while total < target:
+        if not heap:
             raise UserError(
-                f"pruning: layer {cand.layer_idx} keeps {kept[key]} {cand.kind} structures, its minimum, "
-                f"which is not an allowed multiple (multiple_of={shape.multiple_of}, heads_multiple_of="
-                f"{shape.heads_multiple_of}); lower the minimum or change the multiple"
+                f"pruning: with multiple_of={shape.multiple_of}, heads_multiple_of={shape.heads_multiple_of} "
+                f"and the minimums {minimum}, at most {total:,} parameters can go, short of the target "
+                f"{round(target):,}; lower the ratio, the minimums or the multiples"
             )
-        kept[key] -= 1
-        extra.append(cand)
-    chosen = {(c.layer_idx, c.kind, c.index) for c in extra} | taken
+        _, key, idx = heapq.heappop(heap)
+        taken.append(chunks[key][idx])
+        before, total = total, total + chunks[key][idx].cost
+        if idx + 1 < len(chunks[key]):
+            heapq.heappush(heap, (chunks[key][idx + 1].value, key, idx + 1))
+    if len(taken) > 1 and target - before < total - target:
+        taken.pop()  # the boundary just short of the target is the nearer one
+    chosen = {member for chunk in taken for member in chunk.members}
     return [c for c in ranked if (c.layer_idx, c.kind, c.index) in chosen]
 
 
@@ -156,21 +205,3 @@ def _lowest_per_layer(ranked: Sequence, layers: int, remove_groups: int, remove_
             taken[key] += 1
             chosen.append(cand)
     return chosen
-
-
-def _size(costs: Sequence[LayerCosts], key: tuple[int, str]) -> int:
-    lc = costs[key[0]]
-    return lc.num_kv_groups if key[1] == ATTENTION else lc.num_channels
-
-
-def _kept_counts(costs: Sequence[LayerCosts], removed: Sequence) -> dict[tuple[int, str], int]:
-    kept = {(idx, kind): _size(costs, (idx, kind)) for idx in range(len(costs)) for kind in (ATTENTION, MLP)}
-    for cand in removed:
-        kept[(cand.layer_idx, cand.kind)] -= 1
-    return kept
-
-
-def _allowed(shape: KeptShape, costs: Sequence[LayerCosts], key: tuple[int, str], kept: dict) -> bool:
-    if key[1] == MLP:
-        return shape.channels_ok(kept[key])
-    return shape.groups_ok(kept[key], costs[key[0]].geometry.group_size)
