@@ -334,8 +334,9 @@ def _find_not_finite(value: Any, path: list[Any]) -> list[Any] | None:
 
 
 def _check_switches(raw: dict[str, Any], importance: str, path: Path) -> None:
-    """A switch that only some criteria read (``calibration.gradient_checkpointing``, ``fisher_samples``)
-    is refused when the configured criterion does not take it, rather than silently ignored."""
+    """A switch that only some criteria read (``calibration.gradient_checkpointing``) is refused when the
+    configured criterion does not take it, rather than silently ignored (``fisher_samples`` is not one:
+    the default config sets it, and choosing another criterion must not mean deleting it)."""
     from pruning.criteria.registry import CRITERIA, SWITCHES
 
     options = CRITERIA.options(importance)

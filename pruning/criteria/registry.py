@@ -45,7 +45,7 @@ CONFIG_OPTIONS = (
 )
 # Of those, the switches that do something only for a criterion that takes them: set for any other, the
 # config is refused rather than silently ignored.
-SWITCHES = ("calibration.gradient_checkpointing", "calibration.fisher_samples")
+SWITCHES = ("calibration.gradient_checkpointing",)
 
 
 class CriterionRegistry:

@@ -58,14 +58,15 @@ PLANTED = (
     Planted(
         "pruning.planning.rounding",
         "a minimum one above an allowed count (33 with multiple_of 16) undercut to 32",
-        "if kept[key] <= minimum[cand.kind]:",
-        "if kept[key] < minimum[cand.kind]:",
+        "floor = math.ceil(minimum / step) * step",
+        "floor = minimum // step * step",
     ),
     Planted(
         "pruning.planning.rounding",
-        "a layer the plan never touched rounded down anyway",
-        "        if kept[key] == _size(costs, key):\n            continue\n",
-        "",
+        "a block whose size is no multiple keeps counts that are no multiples either (its remainder "
+        "chunk dropped)",
+        "sizes = ([size % step] if size % step else []) + [step] * (size // step)",
+        "sizes = [step] * (size // step)",
     ),
     Planted(
         "pruning.compensation.obs",
