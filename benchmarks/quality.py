@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = available_texts(texts)
     if not texts:
         raise SystemExit("no evaluation text is readable")
+    keep = Path(args.keep_checkpoints) if args.keep_checkpoints else None
+    if keep is not None and (keep.is_file() or (keep.is_dir() and any(keep.iterdir()))):
+        raise SystemExit(f"--keep-checkpoints {keep}: give a new or empty folder (nothing in it is replaced)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")

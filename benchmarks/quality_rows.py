@@ -211,8 +211,7 @@ def run_ours(spec: RowSpec) -> dict[str, Any]:
         row["eval"] = _evaluate(model.eval(), _tokenizer(spec.model), spec)
         if spec.keep_dir:  # for benchmarks/speed.py: the checkpoint outlives the row
             kept = Path(spec.keep_dir) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', spec.method)}-{spec.ratio:g}"
-            shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(checkpoint, kept)
+            shutil.copytree(checkpoint, kept)  # a new name in a folder that was empty: replaces nothing
             row["notes"]["checkpoint"] = str(kept)
     return row
 

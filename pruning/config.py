@@ -334,9 +334,8 @@ def _find_not_finite(value: Any, path: list[Any]) -> list[Any] | None:
 
 
 def _check_switches(raw: dict[str, Any], importance: str, path: Path) -> None:
-    """A switch that only some criteria read (``calibration.gradient_checkpointing``) is refused when the
-    configured criterion does not take it, rather than silently ignored (``fisher_samples`` is not one:
-    the default config sets it, and choosing another criterion must not mean deleting it)."""
+    """A switch only some criteria read (``calibration.gradient_checkpointing``; not ``fisher_samples``,
+    which the default config sets) is refused when the criterion does not take it, not ignored."""
     from pruning.criteria.registry import CRITERIA, SWITCHES
 
     options = CRITERIA.options(importance)
@@ -365,7 +364,8 @@ def _typed(raw: dict[str, Any], path: Path) -> PipelineConfig:
         raise UserError(f"{path}: calibration: give source (one text) or sources (a mix), not both")
     calibration["sources"] = tuple(WeightedSource(**item) for item in calibration.get("sources", ()))
     _check_switches(raw, pruning.get("importance", PruningConfig.importance), path)
-    if (calibration.get("fisher_samples") or 0) > (windows := calibration.get("num_samples", 64)):
+    windows = calibration.get("num_samples", CalibrationConfig.num_samples)
+    if (calibration.get("fisher_samples") or 0) > windows:
         raise UserError(
             f"{path}: calibration.fisher_samples is more than calibration.num_samples ({windows})"
         )

@@ -296,19 +296,27 @@ def _watch_layer(
         if until is not None:  # registered after the observers', so their hooks see the input first
             handles.append(until.register_forward_pre_hook(_stop_layer))
         for b, hidden in enumerate(inputs.hidden):
-            args, kwargs = to_device((inputs.args[idx][b], inputs.kwargs[idx][b]), device)
             try:
-                out = layer(hidden.to(device), *args, **kwargs)
+                out = run_batch(layer, hidden, inputs, idx, b, device)
             except _StopLayer:
                 continue
             if not keep_inputs:
-                out = out[0] if isinstance(out, tuple) else out
                 inputs.hidden[b] = out if park is None else out.to(park)
     finally:
         for handle in handles:
             handle.remove()
     for observer in observers:
         observer.layer_done(idx, layer)
+
+
+def run_batch(
+    layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, idx: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Layer ``idx`` on one batch of ``hidden`` with the arguments the model gave it; its output hidden
+    states."""
+    args, kwargs = to_device((inputs.args[idx][batch], inputs.kwargs[idx][batch]), device)
+    out = layer(hidden.to(device), *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _parking_device(hidden: list[torch.Tensor]) -> torch.device | None:

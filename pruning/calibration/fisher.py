@@ -41,7 +41,7 @@ from pruning.calibration.engine import (
     batches,
     capture_layer_inputs,
     input_device,
-    to_device,
+    run_batch,
 )
 from pruning.calibration.layer_head import layers_bypassed
 from pruning.errors import UserError
@@ -159,7 +159,7 @@ def _layerwise_backward(
         try:
             kept.append([h.cpu() for h in hidden])
             with torch.no_grad():
-                hidden = [_run(layers[idx], h, inputs, idx, b, device) for b, h in enumerate(hidden)]
+                hidden = [run_batch(layers[idx], h, inputs, idx, b, device) for b, h in enumerate(hidden)]
         finally:
             store.unload(idx, layers[idx])
     grads = _head_gradients(model, windows, batch_size, hidden, store)
@@ -169,7 +169,7 @@ def _layerwise_backward(
         try:
             for b, x in enumerate(kept[idx]):
                 x = x.to(device).requires_grad_(True)
-                out = _run(layers[idx], x, inputs, idx, b, device)
+                out = run_batch(layers[idx], x, inputs, idx, b, device)
                 out.backward(grads[b].to(out.device))
                 grads[b] = x.grad.cpu()
             kept[idx] = []
@@ -177,15 +177,6 @@ def _layerwise_backward(
             for handle in handles:
                 handle.remove()
             store.unload(idx, layers[idx])
-
-
-def _run(
-    layer: nn.Module, hidden: torch.Tensor, inputs: Any, idx: int, batch: int, device: torch.device
-) -> torch.Tensor:
-    """One layer on one batch with the arguments the model gave it; its output hidden states."""
-    args, kwargs = to_device((inputs.args[idx][batch], inputs.kwargs[idx][batch]), device)
-    out = layer(hidden.to(device), *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _head_gradients(

@@ -1,7 +1,7 @@
 """Token ids of a text, cached on disk per (tokenizer, text).
 
-The built-in code text is all of Python's library (about 30 MB); tokenising it took 12-18 s of every
-run, for six windows. The ids depend only on the tokenizer and the text, so they are kept under the
+The built-in code text is Python's library (9.6 MB); tokenising it took 12 to 18 s of every run, for
+a few windows. The ids depend only on the tokenizer and the text, so they are kept under the
 cache folder (``$PRUNING_CACHE_DIR/tokens``) as safetensors, named by a hash of both: a changed text
 or tokenizer is a different file, never a stale one. Only fast tokenizers are cached, since their
 whole definition serialises to one string that can be hashed; others tokenise every time.

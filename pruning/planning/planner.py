@@ -196,7 +196,11 @@ def plan_global(
             f"ratio is {reachable / denominator:.2%} ({reachable:,} parameters)"
         )
     ranked = rank_candidates(normalized_candidates(scores, costs))
-    removed = select_for_removal(ranked, costs, target, protected, min_kv_groups, min_channels)
+    if not shape.is_free and not shape.uniform:  # multiples: the ranking takes chunks, not structures
+        minimum = {ATTENTION: min_kv_groups, MLP: min_channels}
+        removed = select_aligned(ranked, costs, target, protected, minimum, shape)
+    else:
+        removed = select_for_removal(ranked, costs, target, protected, min_kv_groups, min_channels)
     if shape.uniform:
         if protected:
             raise UserError("pruning.uniform cannot keep protected_layers whole: every layer gets one size")
@@ -204,9 +208,6 @@ def plan_global(
         removed = select_uniform(
             ranked, removed, costs, target, shape, min_kv_groups, min_channels, stock_accepts=accepts
         )
-    elif not shape.is_free:
-        minimum = {ATTENTION: min_kv_groups, MLP: min_channels}
-        removed = select_aligned(ranked, costs, target, protected, minimum, shape)
     plan = _build_plan(costs, removed, criterion, params_before, denominator, ratio, ratio_of)
     if shape.is_free:
         return plan
